@@ -1,0 +1,44 @@
+# glm-tune: `make demo` runs the main job on tiny models, `make test` runs the whole suite.
+# Both create (or refresh, when requirements/constraints change) the pinned virtual environment .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD ?= build
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo assets lock clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+# The whole suite, slow end-to-end tests included (what CI runs).
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# Tiny models of all three generations (paddle layout) and the demo data, under $(BUILD)/.
+assets: $(STAMP)
+	$(PY) tools/make_demo_data.py --output_dir $(BUILD)/data/AdvertiseGen
+	for t in chatglm chatglm2 chatglm3; do \
+	  $(PY) tools/make_tiny_model.py --model_type $$t --output_dir $(BUILD)/tiny/$$t || exit 1; done
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --work_dir $(BUILD)/demo
+
+# Re-resolve the lock after editing requirements.txt.
+lock:
+	rm -rf $(BUILD)/lockvenv && $(PYTHON) -m venv $(BUILD)/lockvenv
+	$(BUILD)/lockvenv/bin/pip install --quiet -r requirements.txt
+	( echo '# Lock of every package in the tested .venv (pip freeze). Regenerate with `make lock` after changing requirements.txt.'; \
+	  $(BUILD)/lockvenv/bin/pip freeze ) > constraints.txt
+
+clean:
+	rm -rf $(BUILD) .pytest_cache
