@@ -1,0 +1,145 @@
+"""THUDM's Hugging Face checkpoint layout for the three ChatGLM generations, read and written without torch.
+
+The Paddle and Hugging Face checkpoints hold the same tensors under other names: the Paddle prefix
+(`chatglm.transformer.` / `chatglm_v2.`) becomes `transformer.`, v1's `lm_head.decoder_weight` becomes
+`lm_head.weight`, and every Linear weight is stored transposed (Paddle keeps [in, out], torch [out, in]).
+Fused query_key_value tensors keep their column order in both layouts, so no splitting is needed.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from glm_family import GENERATION_KEY, get_generation
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PADDLE_PREFIX = {"chatglm": "chatglm.transformer.", "chatglm_v2": "chatglm_v2."}
+# Names whose tensors are not Linear weights: same orientation in both layouts.
+_UNTRANSPOSED = re.compile(r"(word_embeddings\.weight|lm_head\.decoder_weight|inv_freq)$")
+_HF_NAME_OR_PATH = {"chatglm": "THUDM/chatglm-6b", "chatglm2": "THUDM/chatglm2-6b", "chatglm3": "THUDM/chatglm3-6b"}
+
+
+def paddle_to_hf_name(name: str, paddle_model_type: str) -> str:
+    if name == "lm_head.decoder_weight":
+        return "lm_head.weight"
+    prefix = _PADDLE_PREFIX[paddle_model_type]
+    if not name.startswith(prefix):
+        raise KeyError(f"unexpected Paddle tensor name {name!r} (expected prefix {prefix!r})")
+    return "transformer." + name[len(prefix):]
+
+
+def needs_transpose(paddle_name: str, ndim: int) -> bool:
+    return ndim == 2 and not _UNTRANSPOSED.search(paddle_name)
+
+
+def hf_config_from_paddle(config, model_type: str, dtype: str = "float32") -> dict:
+    """config.json in THUDM's Hugging Face naming for a PaddleNLP ChatGLM config."""
+    common = {
+        "_name_or_path": _HF_NAME_OR_PATH[model_type],
+        "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "torch_dtype": dtype,
+        GENERATION_KEY: model_type,
+    }
+    if model_type == "chatglm":
+        keys = ["vocab_size", "hidden_size", "num_attention_heads", "inner_hidden_size", "max_sequence_length",
+                "layernorm_epsilon", "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id",
+                "gmask_token_id", "position_encoding_2d", "pre_seq_len", "prefix_projection", "quantization_bit"]
+        out = {k: getattr(config, k) for k in keys}
+        out.update(num_layers=config.num_hidden_layers, use_cache=True)
+    else:
+        keys = ["add_bias_linear", "add_qkv_bias", "apply_query_key_layer_scaling",
+                "apply_residual_connection_post_layernorm", "attention_dropout", "attention_softmax_in_fp32",
+                "bias_dropout_fusion", "ffn_hidden_size", "fp32_residual_connection", "hidden_dropout",
+                "hidden_size", "kv_channels", "layernorm_epsilon", "multi_query_group_num",
+                "num_attention_heads", "post_layer_norm", "rmsnorm", "eos_token_id", "pad_token_id"]
+        out = {k: getattr(config, k) for k in keys}
+        out.update(
+            multi_query_attention=True,
+            num_layers=config.num_hidden_layers,
+            original_rope=True,
+            padded_vocab_size=config.vocab_size,
+            seq_length=config.max_sequence_length,
+            tie_word_embeddings=False,
+            use_cache=True,
+        )
+    return {**common, **out}
+
+
+def parse_size(size) -> int:
+    """'200KB' / '2GB' / 1024 -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; write it like 200KB, 5MB or 2GB")
+    unit = {None: 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[match.group(2)]
+    return int(float(match.group(1)) * unit)
+
+
+def write_safetensors_shards(tensors: dict, output_dir: Path, max_shard_size=None, metadata=None) -> list:
+    """Write `tensors` (name -> numpy array) as one model.safetensors or as numbered shards plus the index
+    file Hugging Face reads. Returns the file names written."""
+    from safetensors.numpy import save_file
+
+    limit = parse_size(max_shard_size) if max_shard_size else None
+    shards, current, current_size = [], {}, 0
+    for name, array in tensors.items():
+        if limit and current and current_size + array.nbytes > limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = np.ascontiguousarray(array)
+        current_size += array.nbytes
+    shards.append(current)
+    metadata = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(output_dir / "model.safetensors"), metadata=metadata)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(output_dir / file_name), metadata=metadata)
+        names.append(file_name)
+        weight_map.update({k: file_name for k in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(output_dir / SAFETENSORS_INDEX, "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names + [SAFETENSORS_INDEX]
+
+
+def hf_tokenizer_config(model_type: str) -> dict:
+    """tokenizer_config.json as THUDM ships it (minus its remote-code auto_map, which this project lacks)."""
+    if model_type == "chatglm":
+        return {"tokenizer_class": "ChatGLMTokenizer", "bos_token": "<sop>", "eos_token": "<eop>",
+                "end_token": "</s>", "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>",
+                "unk_token": "<unk>", "padding_side": "left", "num_image_tokens": 0, "remove_space": False,
+                "do_lower_case": False}
+    out = {"tokenizer_class": "ChatGLMTokenizer", "padding_side": "left", "remove_space": False,
+           "do_lower_case": False, "clean_up_tokenization_spaces": False}
+    if model_type == "chatglm3":
+        out["chat_template"] = "{% for message in messages %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endfor %}"
+    return out
+
+
+def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_size=None,
+                       dtype: str = "float32") -> list:
+    """Write `model` (a PaddleNLP ChatGLM) and its tokenizer in THUDM's Hugging Face layout."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generation = get_generation(model_type)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        array = tensor.astype("float32").numpy() if dtype == "float32" else tensor.numpy()
+        if needs_transpose(name, array.ndim):
+            array = array.T
+        tensors[paddle_to_hf_name(name, generation.paddle_model_type)] = array
+    files = write_safetensors_shards(tensors, output_dir, max_shard_size)
+    with open(output_dir / "config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_config_from_paddle(model.config, model_type, dtype), f, indent=2, ensure_ascii=False)
+    with open(output_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(hf_tokenizer_config(model_type), f, indent=2, ensure_ascii=False)
+    with open(tokenizer.vocab_file, "rb") as src, open(output_dir / generation.vocab_file, "wb") as dst:
+        dst.write(src.read())
+    return files + ["config.json", "tokenizer_config.json", generation.vocab_file]

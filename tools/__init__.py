@@ -1,0 +1,1 @@
+"""Helper commands of glm-tune (model/data builders, converters). Each module is also importable."""

@@ -1,0 +1,223 @@
+"""Write a randomly initialised ChatGLM of a real architecture at a tiny size, with a locally trained tokenizer.
+
+    python tools/make_tiny_model.py --model_type chatglm2 --output_dir build/tiny/chatglm2
+    python tools/make_tiny_model.py --model_type chatglm3 --output_dir build/tiny/chatglm3-hf --format hf
+    python tools/make_tiny_model.py --model_type chatglm --output_dir DIR --hidden_size 512 --num_layers 4
+
+The architecture is the real one of each generation (v1: 2-D positions, gMASK/sop, GELU, post-LN alpha
+scaling; v2/v3: multi-query attention with 2 KV groups, RMSNorm, rotary on half the head, SwiGLU); only the
+sizes shrink. The SentencePiece tokenizer is trained on text this project ships (tools/assets) plus the demo
+AdvertiseGen data, and carries the real special tokens, so PaddleNLP's own ChatGLM tokenizers load it as they
+load THUDM's. `--format paddle` loads with `AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR)`;
+`--format hf` writes the same weights in THUDM's Hugging Face layout (config.json, safetensors, tokenizer).
+"""
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from glm_family import GENERATION_KEY, get_generation  # noqa: E402
+from tools.make_demo_data import make_record  # noqa: E402
+
+CORPUS_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
+
+# Special pieces of THUDM's ChatGLM-6B ice_text.model that ChatGLMTokenizer relies on (newline, tab and
+# runs of blanks are rewritten into these pieces before SentencePiece sees the text).
+V1_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<n>", "<|tab|>"] + [
+    f"<|blank_{n}|>" for n in range(2, 81)
+]
+
+# Model sizes: tiny enough for CPU tests, all divisible for tensor parallel degree 2.
+DEFAULT_SIZES = {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 256}
+
+
+def tokenizer_corpus(seed: int, num_records: int = 3000) -> list:
+    """Lines the tokenizer is trained on: shipped text, prompt templates and generated ADGEN records."""
+    lines = CORPUS_FILE.read_text(encoding="utf-8").splitlines()
+    lines += ["[Round 1]\n\n问：你好\n\n答：你好！", "[Round 2]\n问：谢谢\n答：不客气。"]
+    rng = random.Random(seed)
+    for _ in range(num_records):
+        record = make_record(rng)
+        lines += [record["content"], record["summary"]]
+    return lines
+
+
+def train_sentencepiece(model_type: str, output_file: Path, seed: int = 42, vocab_size: int = 1200) -> Path:
+    """Train the SentencePiece model for `model_type` and write it to `output_file` (deterministic)."""
+    import sentencepiece as spm
+
+    lines = tokenizer_corpus(seed)
+    options = dict(
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        byte_fallback=True,  # any character outside the corpus still encodes, as with THUDM's tokenizers
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        num_threads=1,  # SentencePiece is deterministic single-threaded
+        shuffle_input_sentence=False,
+        minloglevel=2,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+    )
+    if model_type == "chatglm":
+        lines = [line.replace("\n", "<n>") for line in lines]
+        options.update(pad_id=3, user_defined_symbols=V1_SPECIAL_PIECES)
+    else:
+        options.update(pad_id=-1, user_defined_symbols=["\n"])
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **options)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    output_file.write_bytes(model.getvalue())
+    return output_file
+
+
+def build_config(model_type: str, tokenizer, sizes: dict, max_sequence_length: int = 2048):
+    """PaddleNLP config of the real architecture at the given sizes, with ids taken from `tokenizer`."""
+    generation = get_generation(model_type)
+    config_class, _, _ = generation.classes()
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if model_type == "chatglm":
+        config = config_class(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=sizes["num_layers"],
+            num_attention_heads=heads,
+            inner_hidden_size=sizes["ffn_hidden_size"],
+            max_sequence_length=max_sequence_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            mask_token_id=tokenizer.mask_token_id,
+            gmask_token_id=tokenizer.gmask_token_id,
+            num_image_tokens=0,
+        )
+    else:
+        # Real checkpoints pad the vocabulary (64798 -> 65024); a multiple of 64 keeps TP splits even.
+        padded_vocab = -(-tokenizer.vocab_size // 64) * 64
+        config = config_class(
+            num_hidden_layers=sizes["num_layers"],
+            vocab_size=padded_vocab,
+            hidden_size=hidden,
+            ffn_hidden_size=sizes["ffn_hidden_size"],
+            kv_channels=hidden // heads,
+            num_attention_heads=heads,
+            multi_query_group_num=2,
+            max_sequence_length=max_sequence_length,
+            add_qkv_bias=True,
+            add_bias_linear=False,
+            rmsnorm=True,
+            post_layer_norm=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    setattr(config, GENERATION_KEY, model_type)
+    return config
+
+
+def random_init(model, seed: int) -> None:
+    """Normal(0, 0.02) weights, unit norms, zero biases, drawn by numpy in name order so every platform and
+    every output format gets bit-identical tensors. Buffers such as rotary `inv_freq` keep their values."""
+    import paddle
+
+    rng = np.random.RandomState(seed)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.endswith("inv_freq"):
+            continue
+        if "layernorm" in name and name.endswith("weight"):
+            value = np.ones(tensor.shape, dtype="float32")
+        elif name.endswith("bias"):
+            value = np.zeros(tensor.shape, dtype="float32")
+        else:
+            value = rng.normal(0.0, 0.02, size=tensor.shape).astype("float32")
+        tensor.set_value(paddle.to_tensor(value, dtype=tensor.dtype))
+
+
+def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_sequence_length: int = 2048):
+    """(model, tokenizer) of `model_type`, in memory; the tokenizer's files live in a temporary folder until
+    saved."""
+    import paddle
+
+    generation = get_generation(model_type)
+    _, model_class, tokenizer_class = generation.classes()
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    vocab_dir = Path(tempfile.mkdtemp(prefix="glm_tok_"))
+    vocab_file = train_sentencepiece(model_type, vocab_dir / generation.vocab_file, seed)
+    extra = {"num_image_tokens": 0} if model_type == "chatglm" else {}
+    tokenizer = tokenizer_class(vocab_file=str(vocab_file), **extra)
+    config = build_config(model_type, tokenizer, sizes, max_sequence_length)
+    paddle.seed(seed)
+    model = model_class(config)
+    model.eval()
+    random_init(model, seed)
+    return model, tokenizer
+
+
+def save_paddle(model, tokenizer, output_dir: Path) -> None:
+    model.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+
+
+def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int = 42, sizes: dict = None,
+                    max_sequence_length: int = 2048, max_shard_size: str = None) -> Path:
+    """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed)."""
+    from hf_layout import save_hf_checkpoint
+
+    output_dir = Path(output_dir)
+    model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    try:
+        if fmt == "paddle":
+            save_paddle(model, tokenizer, staging)
+        else:
+            save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size=max_shard_size)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(Path(tokenizer.vocab_file).parent, ignore_errors=True)
+    return output_dir
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_type", required=True, choices=["chatglm", "chatglm2", "chatglm3"],
+                        help="which ChatGLM generation's architecture and tokenizer to build")
+    parser.add_argument("--output_dir", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--format", default="paddle", choices=["paddle", "hf"],
+                        help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout")
+    parser.add_argument("--seed", type=int, default=42, help="seed of weights and tokenizer; same seed, same files")
+    parser.add_argument("--hidden_size", type=int, default=DEFAULT_SIZES["hidden_size"], help="model width")
+    parser.add_argument("--num_layers", type=int, default=DEFAULT_SIZES["num_layers"], help="transformer blocks")
+    parser.add_argument("--num_attention_heads", type=int, default=DEFAULT_SIZES["num_attention_heads"],
+                        help="attention heads (v2/v3 keep 2 key/value groups)")
+    parser.add_argument("--ffn_hidden_size", type=int, default=DEFAULT_SIZES["ffn_hidden_size"],
+                        help="MLP inner width")
+    parser.add_argument("--max_sequence_length", type=int, default=2048,
+                        help="longest sequence the config allows (src_length + tgt_length must fit)")
+    parser.add_argument("--max_shard_size", default=None,
+                        help="hf format only: split safetensors into shards of at most this size, e.g. 200KB")
+    args = parser.parse_args(argv)
+    sizes = {k: getattr(args, k) for k in DEFAULT_SIZES}
+    out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
+                          args.max_sequence_length, args.max_shard_size)
+    print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
