@@ -1,0 +1,339 @@
+"""Data for ChatGLM fine-tuning: record readers, per-generation prompt formats, tokenization and batching.
+
+Record contract: every reader returns `Example(src, tgt, history)`: the user's question, the answer to learn, and
+earlier turns as (question, answer) pairs. Formats read (one JSON object per line, or one JSON list):
+  AdvertiseGen        {"content": ..., "summary": ...}                      (optional "history")
+  instruction data    {"instruction": ..., "input": ..., "output": ..., "history": [[q, a], ...]}
+  BelleGroup math     {"instruction": ..., "output": ...}                   (school_math_0.25M)
+Bad input raises DataFormatError naming the file and line; `skip_bad_records=True` skips such records and
+reports how many.
+
+Tokenization follows THUDM's own fine-tuning code for each generation:
+  chatglm   "[Round {i}]\n问：{q}\n答：" text, then [gMASK] <sop> answer <eop>; 2-D positions
+  chatglm2  [gMASK] sop "[Round {i}]\n\n问：{q}\n\n答：" answer </s>
+  chatglm3  [gMASK] sop <|user|>\n q <|assistant|> \n answer </s>  (role tokens, history as earlier turns)
+Labels are already shifted (labels[i] is the token after input_ids[i]) and are -100 on the prompt and padding;
+that is what PaddleNLP's ChatGLM models expect. Sources longer than `src_length` lose their oldest tokens
+(earliest history first) so the current question and the answer cue survive; answers are cut at
+`tgt_length` and always end with the end-of-answer token.
+"""
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class DataFormatError(ValueError):
+    """Input data that cannot be used; the message names the file, the line and what to fix."""
+
+
+@dataclass
+class Example:
+    src: str
+    tgt: str = ""
+    history: List[Tuple[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def iter_json_records(path: Path) -> Iterator[Tuple[int, object]]:
+    """(line number, parsed object) for a JSON-lines file or a file holding one JSON list."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataFormatError(f"{path}: file is empty; expected JSON lines or a JSON list of records")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
+        # A JSON list has no per-record line numbers once parsed; find each record's opening line instead.
+        starts = _record_start_lines(text, len(items))
+        yield from zip(starts, items)
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield lineno, DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg}, column {err.colno})")
+
+
+def _record_start_lines(text: str, count: int) -> List[int]:
+    """Line number where each top-level element of a JSON list begins."""
+    decoder, starts, pos, line = json.JSONDecoder(), [], text.index("[") + 1, 1
+    line += text.count("\n", 0, pos)
+    while len(starts) < count:
+        while text[pos] in " \t\r\n,":
+            line += text[pos] == "\n"
+            pos += 1
+        starts.append(line)
+        _, end = decoder.raw_decode(text, pos)
+        line += text.count("\n", pos, end)
+        pos = end
+    return starts
+
+
+def _require_str(record: dict, key: str, where: str, hint: str) -> str:
+    if key not in record:
+        raise DataFormatError(f"{where}: missing field {key!r} ({hint})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _read_history(record: dict, where: str) -> List[Tuple[str, str]]:
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataFormatError(f"{where}: field 'history' must be a list of [question, answer] pairs")
+    turns = []
+    for i, turn in enumerate(history):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataFormatError(f"{where}: history[{i}] must be a [question, answer] pair of strings, got {turn!r}")
+        turns.append((turn[0], turn[1]))
+    return turns
+
+
+def record_to_example(record, where: str, require_target: bool = True) -> Example:
+    """Validate one parsed record (AdvertiseGen or instruction shape) and turn it into an Example."""
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    history = _read_history(record, where)
+    if "content" in record:
+        hint = "AdvertiseGen records need 'content' and 'summary'"
+        src = _require_str(record, "content", where, hint)
+        tgt = _require_str(record, "summary", where, hint) if require_target else record.get("summary", "")
+    elif "instruction" in record:
+        hint = "instruction records need 'instruction' and 'output' ('input' and 'history' optional)"
+        src = _require_str(record, "instruction", where, hint)
+        extra = record.get("input", "")
+        if not isinstance(extra, str):
+            raise DataFormatError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        src = f"{src}\n{extra}" if extra.strip() else src
+        tgt = _require_str(record, "output", where, hint) if require_target else record.get("output", "")
+    else:
+        raise DataFormatError(
+            f"{where}: record has neither 'content' (AdvertiseGen) nor 'instruction' (instruction / BelleGroup "
+            f"data); fields found: {sorted(record)}"
+        )
+    return Example(src, tgt if isinstance(tgt, str) else "", history)
+
+
+def read_examples(path, skip_bad_records: bool = False, require_target: bool = True) -> List[Example]:
+    """All examples in `path` (any supported format). Bad records raise, or are skipped and counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    examples, bad = [], []
+    for lineno, record in iter_json_records(path):
+        try:
+            if isinstance(record, DataFormatError):
+                raise record
+            examples.append(record_to_example(record, f"{path}:{lineno}", require_target))
+        except DataFormatError as err:
+            if not skip_bad_records:
+                raise DataFormatError(f"{err} (pass --skip_bad_records True to skip such records)") from None
+            bad.append(str(err))
+    if bad:
+        logger.warning("skipped %d bad record(s) of %d in %s; first: %s", len(bad), len(bad) + len(examples),
+                       path, bad[0])
+    if not examples:
+        raise DataFormatError(f"{path}: no usable records" + (f" ({len(bad)} skipped as bad)" if bad else ""))
+    return examples
+
+
+def task_file(task_name_or_path, split: str) -> Path:
+    """`train.json` / `dev.json` inside the task folder, with an error that says what is expected."""
+    folder = Path(task_name_or_path)
+    if not folder.is_dir():
+        raise DataFormatError(
+            f"--task_name_or_path {folder} is not a folder; it must hold train.json and dev.json "
+            "(python tools/make_demo_data.py --output_dir DIR writes a demo one)"
+        )
+    path = folder / f"{split}.json"
+    if not path.is_file():
+        raise DataFormatError(f"{path} not found: --task_name_or_path must hold train.json and dev.json")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ tokenization
+
+
+class PromptFormat:
+    """How one generation turns (history, question) into prompt ids and an answer into target ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix_ids(self) -> List[int]:
+        """Ids that start every prompt and survive truncation."""
+        return []
+
+    def suffix_ids(self) -> List[int]:
+        """Ids that end every prompt (the answer cue) and survive truncation."""
+        return []
+
+    def body_ids(self, query: str, history) -> List[int]:
+        raise NotImplementedError
+
+    def prompt_ids(self, query: str, history=(), src_length: int = None) -> List[int]:
+        prefix, body, suffix = self.prefix_ids(), self.body_ids(query, history), self.suffix_ids()
+        if src_length is not None:
+            room = src_length - len(prefix) - len(suffix)
+            if room <= 0:
+                raise ValueError(f"src_length={src_length} leaves no room for the prompt")
+            body = body[-room:]
+        return prefix + body + suffix
+
+    def answer_ids(self, answer: str) -> List[int]:
+        return self.encode(answer)
+
+    def target_ids(self, answer: str, tgt_length: int = None) -> List[int]:
+        eos = [self.tokenizer.eos_token_id]
+        ids = self.answer_ids(answer)
+        if tgt_length is not None:
+            ids = ids[: max(tgt_length - 1, 0)]
+        return ids + eos
+
+
+class ChatGLMFormat(PromptFormat):
+    """ChatGLM-6B: text prompt, then [gMASK] <sop> opens the answer (THUDM ptuning/main.py)."""
+
+    def body_ids(self, query, history):
+        if not history:
+            return self.encode(query)
+        text = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+        return self.encode(text + f"[Round {len(history)}]\n问：{query}\n答：")
+
+    def suffix_ids(self):
+        return [self.tokenizer.gmask_token_id, self.tokenizer.bos_token_id]
+
+
+class ChatGLM2Format(PromptFormat):
+    """ChatGLM2-6B: [gMASK] sop, then tokenizer.build_prompt's "[Round i]\\n\\n问：…\\n\\n答：" text."""
+
+    def encode(self, text):
+        # Plain SentencePiece, as THUDM's tokenizer does: user text never turns into special tokens.
+        return self.tokenizer.tokenizer.encode(text)
+
+    def prefix_ids(self):
+        return [self.tokenizer.get_command("[gMASK]"), self.tokenizer.get_command("sop")]
+
+    def body_ids(self, query, history):
+        text = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1))
+        return self.encode(text + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答：")
+
+
+class ChatGLM3Format(ChatGLM2Format):
+    """ChatGLM3-6B: role tokens, each message "<|role|>" + "\\n" + text (THUDM build_single_message)."""
+
+    def message(self, role: str, text: str) -> List[int]:
+        return [self.tokenizer.get_command(f"<|{role}|>")] + self.encode("\n") + self.encode(text)
+
+    def body_ids(self, query, history):
+        ids = []
+        for q, a in history:
+            ids += self.message("user", q) + self.message("assistant", a)
+        return ids + self.message("user", query)
+
+    def suffix_ids(self):
+        return [self.tokenizer.get_command("<|assistant|>")]
+
+    def answer_ids(self, answer):
+        return self.encode("\n") + self.encode(answer)
+
+
+PROMPT_FORMATS = {"chatglm": ChatGLMFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format}
+
+
+def get_prompt_format(generation: str, tokenizer) -> PromptFormat:
+    return PROMPT_FORMATS[generation](tokenizer)
+
+
+def tokenize_example(fmt: PromptFormat, example: Example, src_length: int, tgt_length: int,
+                     is_test: bool = False) -> dict:
+    """Training features (`input_ids`, shifted `labels`) or, with is_test, the prompt alone plus the
+    reference answer ids for scoring."""
+    prompt = fmt.prompt_ids(example.src, example.history, src_length)
+    if is_test:
+        return {"input_ids": prompt, "labels": fmt.target_ids(example.tgt, tgt_length)}
+    target = fmt.target_ids(example.tgt, tgt_length)
+    full = prompt + target
+    labels = [IGNORE_INDEX] * (len(prompt) - 1) + target
+    return {"input_ids": full[:-1], "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def chatglm_position_ids(input_ids: List[int], gmask_id: int, bos_id: int) -> np.ndarray:
+    """ChatGLM-6B's 2-D positions [2, L]: absolute positions that stop at [gMASK] for the answer, and block
+    positions 1, 2, … counting from <sop>."""
+    length = len(input_ids)
+    context = input_ids.index(bos_id) if bos_id in input_ids else length
+    mask_pos = input_ids.index(gmask_id) if gmask_id in input_ids else context - 1
+    position = np.arange(length, dtype="int64")
+    position[context:] = mask_pos
+    block = np.concatenate([np.zeros(context, "int64"), np.arange(1, length - context + 1, dtype="int64")])
+    return np.stack([position, block])
+
+
+def chatglm_attention_mask(input_ids: List[int], bos_id: int) -> np.ndarray:
+    """ChatGLM-6B's [1, L, L] mask (1 = may attend): the prompt is seen bidirectionally, the answer causally."""
+    length = len(input_ids)
+    context = input_ids.index(bos_id) if bos_id in input_ids else length
+    mask = np.tril(np.ones((length, length), dtype="int64"))
+    mask[:, :context] = 1
+    return mask[None]
+
+
+class DataCollator:
+    """Left-pads a list of features into a batch with the masks and positions the generation expects.
+
+    v1: `position_ids` [B, 2, L] and a 4-D `attention_mask` [B, 1, L, L]; v2/v3: a 2-D `attention_mask`
+    [B, L] (1 = token) and `position_ids` [B, L] that start at 0 on the first real token, so a padded row gets
+    exactly the positions it would get alone (THUDM/ChatGLM-6B #841, #648 are what happens otherwise).
+    """
+
+    def __init__(self, tokenizer, generation: str, pad_to_multiple_of: int = None):
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: List[dict]) -> dict:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id
+        batch = {"input_ids": [], "attention_mask": [], "position_ids": []}
+        has_labels = "labels" in features[0] and len(features[0]["labels"]) == len(features[0]["input_ids"])
+        if has_labels:
+            batch["labels"] = []
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = length - len(ids)
+            batch["input_ids"].append([pad_id] * pad + ids)
+            if has_labels:
+                batch["labels"].append([IGNORE_INDEX] * pad + list(f["labels"]))
+            if self.generation == "chatglm":
+                tok = self.tokenizer
+                mask = np.pad(chatglm_attention_mask(ids, tok.bos_token_id), [(0, 0), (pad, 0), (pad, 0)])
+                pos = np.pad(chatglm_position_ids(ids, tok.gmask_token_id, tok.bos_token_id), [(0, 0), (pad, 0)])
+            else:
+                mask = np.array([0] * pad + [1] * len(ids), dtype="int64")
+                pos = np.array([0] * pad + list(range(len(ids))), dtype="int64")
+            batch["attention_mask"].append(mask)
+            batch["position_ids"].append(pos)
+        return {k: np.asarray(v, dtype="int64") for k, v in batch.items()}

@@ -1,0 +1,74 @@
+"""Convert LongBench files into AdvertiseGen shape (`content` = filled prompt, `summary` = first answer).
+
+    python tools/longbench_to_adgen.py --input_dir LongBench/data --prompt_config LongBench/config/dataset2prompt.json \
+        --output_file data/longbench/dev.json
+    python tools/longbench_to_adgen.py --input_dir DIR --prompt_config P.json --output_file OUT --datasets qmsum,vcsum
+
+Each LongBench file `<dataset>.jsonl` holds records with `context`, `input` and `answers` (a list); the prompt
+is dataset2prompt.json's template for that dataset filled with the record's fields, as LongBench's own pred.py
+and MindFormers' glm32k_preprocess.py build it. The output is written atomically.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import DataFormatError, iter_json_records  # noqa: E402
+from utils import atomic_write_text  # noqa: E402
+
+
+def convert_record(record, template: str, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    answers = record.get("answers")
+    if not isinstance(answers, list) or not answers or not isinstance(answers[0], str):
+        raise DataFormatError(f"{where}: 'answers' must be a non-empty list of strings")
+    try:
+        content = template.format(**record)
+    except KeyError as err:
+        raise DataFormatError(f"{where}: the prompt template needs field {err} which the record lacks") from None
+    return {"content": content, "summary": answers[0]}
+
+
+def convert_longbench(input_dir, prompt_config, datasets=None) -> list:
+    """AdvertiseGen records for every `<dataset>.jsonl` in `input_dir` (or only `datasets`)."""
+    input_dir = Path(input_dir)
+    with open(prompt_config, encoding="utf-8") as f:
+        templates = json.load(f)
+    files = [input_dir / f"{name}.jsonl" for name in datasets] if datasets else sorted(input_dir.glob("*.jsonl"))
+    if not files:
+        raise DataFormatError(f"{input_dir}: no LongBench *.jsonl files found")
+    records = []
+    for path in files:
+        name = path.stem
+        if name not in templates:
+            raise DataFormatError(f"{prompt_config} has no prompt for dataset {name!r} ({path})")
+        if not path.is_file():
+            raise DataFormatError(f"{path}: file not found")
+        for lineno, record in iter_json_records(path):
+            if isinstance(record, DataFormatError):
+                raise record
+            records.append(convert_record(record, templates[name], f"{path}:{lineno}"))
+    return records
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help="folder of LongBench <dataset>.jsonl files")
+    parser.add_argument("--prompt_config", required=True, help="LongBench's dataset2prompt.json")
+    parser.add_argument("--output_file", required=True, help="JSON-lines file to write (AdvertiseGen shape)")
+    parser.add_argument("--datasets", default=None, help="comma-separated dataset names (default: every file)")
+    args = parser.parse_args(argv)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    try:
+        records = convert_longbench(args.input_dir, args.prompt_config, datasets)
+    except DataFormatError as err:
+        sys.exit(f"error: {err}")
+    atomic_write_text(args.output_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    print(f"wrote {len(records)} records to {args.output_file}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
