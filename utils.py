@@ -47,14 +47,16 @@ def compute_metrics(preds: List[str], labels: List[str]) -> Dict[str, float]:
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
-def token_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Teacher-forced accuracy: share of label positions (labels != -100) where argmax(logits) is the label.
-    `labels` are already shifted, as this project's data pipeline produces them."""
-    predictions = np.asarray(logits).argmax(-1)
-    mask = np.asarray(labels) != IGNORE_INDEX
+def token_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Teacher-forced accuracy: share of label positions (labels != -100) where the predicted id is the label.
+    `predictions` are ids or logits (argmax taken); `labels` are already shifted, as data.py makes them."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.ndim == labels.ndim + 1:
+        predictions = predictions.argmax(-1)
+    mask = labels != IGNORE_INDEX
     if not mask.any():
         return 0.0
-    return float((predictions[mask] == np.asarray(labels)[mask]).mean())
+    return float((predictions[mask] == labels[mask]).mean())
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -1,0 +1,165 @@
+"""Fine-tune ChatGLM / ChatGLM2 / ChatGLM3 (full, LoRA or prefix), evaluate with generation, save for export.
+
+    python finetune_generation.py --model_name_or_path build/tiny/chatglm2 --task_name_or_path build/data/AdvertiseGen \
+        --output_dir output/chatglm2 --max_steps 60 --learning_rate 3e-3 --do_train --do_eval --do_generation True
+    python -m paddle.distributed.launch --nproc_per_node 2 finetune_generation.py --tensor_parallel_degree 2 ...
+    python finetune_generation.py ... --lora True --lora_rank 8          # or: --prefix_tuning True --num_prefix_tokens 64
+    python finetune_generation.py ... --resume_from_checkpoint auto      # continue from the last checkpoint-N
+
+`python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
+"""
+import logging
+import os
+import sys
+
+import paddle
+from paddlenlp.datasets import MapDataset
+from paddlenlp.trainer import PdArgumentParser, get_last_checkpoint
+
+from argument import DataArgument, GenerateArgument, GLMTrainingArguments, ModelArgument
+from data import DataFormatError, get_prompt_format, read_examples, task_file, tokenize_example, DataCollator
+from glm_family import NotAChatGLMCheckpoint
+from glm_trainer import (GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback, accuracy_metrics,
+                         argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
+from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, check_tensor_parallel,
+                           load_config, load_model, load_tokenizer, resolve_generation)
+from utils import quiet_library_logs
+
+logger = logging.getLogger("finetune_generation")
+
+
+def parse_arguments(argv=None):
+    parser = PdArgumentParser((ModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def validate(model_args, data_args, training_args) -> str:
+    """Every check that needs no weights: returns the generation, raises with the flag to fix."""
+    if model_args.lora and model_args.prefix_tuning:
+        raise ConfigurationError("choose one of --lora True and --prefix_tuning True, not both")
+    generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    if training_args.do_train:
+        task_file(data_args.task_name_or_path, "train")
+    if training_args.do_eval:
+        task_file(data_args.task_name_or_path, "dev")
+    config = load_config(model_args.model_name_or_path, generation)
+    check_lengths(config, data_args.src_length, data_args.tgt_length)
+    check_tensor_parallel(config, generation, training_args.tensor_parallel_degree)
+    if training_args.fp16 and paddle.get_device().startswith("cpu"):
+        raise ConfigurationError("--fp16 needs a GPU; on CPU train in float32 (drop --fp16) or try --bf16 True")
+    return generation
+
+
+def model_dtype(training_args) -> str:
+    if training_args.fp16_opt_level == "O2":
+        if training_args.fp16:
+            return "float16"
+        if training_args.bf16:
+            return "bfloat16"
+    return "float32"
+
+
+def build_model(model_args, training_args, generation):
+    dtype = model_dtype(training_args)
+    # ChatGLM2/3 only add prefix key/values through the KV-cache path, so prefix tuning needs use_cache.
+    model = load_model(model_args.model_name_or_path, generation, dtype,
+                       training_args.tensor_parallel_degree, max(training_args.tensor_parallel_rank, 0),
+                       use_cache=bool(model_args.prefix_tuning), recompute=training_args.recompute)
+    if model_args.lora:
+        model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path,
+                           dtype)
+    elif model_args.prefix_tuning:
+        model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path, dtype)
+    return model
+
+
+def build_datasets(data_args, training_args, tokenizer, generation):
+    fmt = get_prompt_format(generation, tokenizer)
+
+    def features(split, is_test=False):
+        examples = read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records)
+        if split == "dev" and data_args.max_eval_samples:
+            examples = examples[: data_args.max_eval_samples]
+        feats = [tokenize_example(fmt, e, data_args.src_length, data_args.tgt_length, is_test) for e in examples]
+        return examples, feats
+
+    train = MapDataset(features("train")[1]) if training_args.do_train else None
+    dev, evaluator = None, None
+    if training_args.do_eval:
+        dev_examples, dev_feats = features("dev")
+        dev = MapDataset(dev_feats)
+        if training_args.do_generation:
+            prompts = [fmt.prompt_ids(e.src, e.history, data_args.src_length) for e in dev_examples]
+            evaluator = GenerationEvaluator(tokenizer, generation, prompts, [e.tgt for e in dev_examples],
+                                            data_args.tgt_length, training_args.per_device_eval_batch_size)
+    return train, dev, evaluator
+
+
+def resume_checkpoint(training_args):
+    """--resume_from_checkpoint PATH, or auto/true for the last checkpoint-N in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("auto", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s, starting fresh", value,
+                           training_args.output_dir)
+        return last
+    if not os.path.isdir(value):
+        raise ConfigurationError(f"--resume_from_checkpoint {value} is not a folder")
+    return value
+
+
+def main(argv=None) -> dict:
+    model_args, data_args, gen_args, training_args = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_logs()
+    generation = validate(model_args, data_args, training_args)
+    if training_args.tensor_parallel_degree > 1:
+        import tp_cpu_compat
+
+        tp_cpu_compat.install()
+    tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
+    model = build_model(model_args, training_args, generation)
+    train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation)
+
+    trainer = GLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=dev_ds,
+        tokenizer=tokenizer,
+        data_collator=DataCollator(tokenizer, generation),
+        compute_metrics=accuracy_metrics,
+        preprocess_logits_for_metrics=argmax_logits,
+        generation_evaluator=evaluator,
+        callbacks=[TrainingArtifactsCallback(training_args.output_dir)],
+    )
+    use_safe_visualdl(trainer)
+
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        trainer.save_model()
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        summary = write_run_summary(training_args.output_dir, read_log_history(training_args.output_dir),
+                                    {"metrics": metrics, "generation": generation})
+        logger.info("metrics: %s", {k: v for k, v in summary["metrics"].items() if "runtime" not in k})
+        logger.info("wrote %s/metrics.json%s", training_args.output_dir,
+                    " and loss_curve.png" if training_args.do_train else "")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigurationError, DataFormatError, NotAChatGLMCheckpoint) as err:
+        sys.exit(f"error: {err}")

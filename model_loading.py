@@ -1,0 +1,132 @@
+"""Loading a ChatGLM checkpoint for any script: checks first, then config, model, tokenizer and PEFT wrappers.
+
+Every check here runs before weights are read, so a wrong flag costs seconds, not a model load.
+"""
+import logging
+from pathlib import Path
+
+from glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation, get_generation
+
+logger = logging.getLogger(__name__)
+
+# PaddleNLP community names -> generation, for users who load by name instead of a folder.
+_NAME_HINTS = (("chatglm3", "chatglm3"), ("chatglm2", "chatglm2"), ("chatglm-6b", "chatglm"))
+
+
+class ConfigurationError(ValueError):
+    """Flags that cannot work with this model; the message says which flag to change and to what."""
+
+
+def resolve_generation(model_name_or_path: str, model_type: str = None) -> str:
+    """The generation to use: --model_type if given, else read from the folder, else from a PaddleNLP name."""
+    if model_type:
+        return get_generation(model_type).name
+    if not model_name_or_path:
+        raise ConfigurationError("--model_name_or_path is required (a ChatGLM checkpoint folder)")
+    path = Path(model_name_or_path)
+    if path.exists():
+        return detect_generation(path)
+    lowered = model_name_or_path.lower()
+    for hint, name in _NAME_HINTS:
+        if hint in lowered:
+            return name
+    raise NotAChatGLMCheckpoint(
+        f"{model_name_or_path} is neither a folder nor a known ChatGLM name; pass a checkpoint folder or one of "
+        "THUDM/chatglm-6b, THUDM/chatglm2-6b, THUDM/chatglm3-6b"
+    )
+
+
+def load_config(model_name_or_path: str, generation: str, **overrides):
+    config_class, _, _ = get_generation(generation).classes()
+    config = config_class.from_pretrained(model_name_or_path)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def check_lengths(config, src_length: int, tgt_length: int) -> None:
+    limit = config.max_sequence_length
+    if src_length + tgt_length > limit:
+        raise ConfigurationError(
+            f"--src_length {src_length} + --tgt_length {tgt_length} = {src_length + tgt_length} exceeds this "
+            f"model's sequence length {limit}; lower them so the sum is at most {limit}"
+        )
+
+
+def check_tensor_parallel(config, generation: str, degree: int) -> None:
+    """Refuse a degree the architecture cannot be split by, naming the dimension that does not divide."""
+    if degree <= 1:
+        return
+    dims = {"num_attention_heads": config.num_attention_heads, "hidden_size": config.hidden_size,
+            "vocab_size": config.vocab_size}
+    if generation == "chatglm":
+        dims["inner_hidden_size"] = config.inner_hidden_size
+    else:
+        dims["ffn_hidden_size"] = config.ffn_hidden_size
+        # ChatGLM2/3 share key/value heads in 2 groups; PaddleNLP splits groups, not heads, across ranks.
+        dims["multi_query_group_num"] = config.multi_query_group_num
+    bad = {k: v for k, v in dims.items() if v % degree}
+    if bad:
+        detail = ", ".join(f"{k}={v}" for k, v in bad.items())
+        hint = ""
+        if "multi_query_group_num" in bad:
+            hint = (f"; {generation} has {config.multi_query_group_num} key/value groups, so use "
+                    "--tensor_parallel_degree 1 or 2 (replicating KV heads per rank is not supported)")
+        raise ConfigurationError(f"--tensor_parallel_degree {degree} does not divide {detail}{hint}")
+
+
+def load_model(model_name_or_path: str, generation: str, dtype: str = "float32", tensor_parallel_degree: int = 1,
+               tensor_parallel_rank: int = 0, **config_overrides):
+    """The PaddleNLP model class of `generation`, loaded (and split for tensor parallel) from the checkpoint."""
+    _, model_class, _ = get_generation(generation).classes()
+    config = load_config(model_name_or_path, generation, tensor_parallel_degree=tensor_parallel_degree,
+                         tensor_parallel_rank=tensor_parallel_rank, tensor_parallel_output=False,
+                         **config_overrides)
+    return model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+
+
+def load_tokenizer(model_name_or_path: str, generation: str):
+    _, _, tokenizer_class = get_generation(generation).classes()
+    return tokenizer_class.from_pretrained(model_name_or_path)
+
+
+def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = None, dtype: str = "float32"):
+    """Wrap `model` with LoRA adapters on the generation's linear layers (trainable) or load trained ones."""
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    if lora_path:
+        return LoRAModel.from_pretrained(model=model, lora_path=lora_path)
+    config = LoRAConfig(
+        target_modules=list(GENERATIONS[generation].lora_target_modules),
+        r=rank,
+        lora_alpha=alpha,
+        merge_weights=False,
+        tensor_parallel_degree=model.config.tensor_parallel_degree,
+        dtype=dtype,
+    )
+    model = LoRAModel(model, config)
+    model.mark_only_lora_as_trainable()
+    return model
+
+
+def apply_prefix(model, generation: str, num_prefix_tokens: int, prefix_path: str = None, dtype: str = "float32"):
+    """Wrap `model` with P-Tuning v2 prefixes (trainable key/value prefixes in every layer) or load trained ones."""
+    from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
+    from paddlenlp.peft.prefix import chatglm_postprocess_past_key_value
+
+    if prefix_path:
+        return PrefixModelForCausalLM.from_pretrained(
+            model=model, prefix_path=prefix_path, postprocess_past_key_value=chatglm_postprocess_past_key_value)
+    config = model.config
+    prefix_config = PrefixConfig(
+        num_prefix_tokens=num_prefix_tokens,
+        num_attention_heads=config.num_attention_heads,
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        multi_query_group_num=getattr(config, "multi_query_group_num", None) if generation != "chatglm" else None,
+        prefix_projection=False,
+        dtype=dtype,
+    )
+    model = PrefixModelForCausalLM(model, prefix_config, postprocess_past_key_value=chatglm_postprocess_past_key_value)
+    model.mark_only_prefix_as_trainable()
+    return model
