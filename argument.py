@@ -67,4 +67,7 @@ class GLMTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.log_dir:
             self.logging_dir = self.log_dir
+        # PaddleNLP quietly lowers tensor_parallel_degree to the number of processes; keep what was asked
+        # so a run without the launcher is refused instead of silently training on one process.
+        self.requested_tensor_parallel_degree = self.tensor_parallel_degree
         super().__post_init__()

@@ -47,7 +47,12 @@ def validate(model_args, data_args, training_args) -> str:
         task_file(data_args.task_name_or_path, "dev")
     config = load_config(model_args.model_name_or_path, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
-    check_tensor_parallel(config, generation, training_args.tensor_parallel_degree)
+    degree = training_args.requested_tensor_parallel_degree
+    check_tensor_parallel(config, generation, degree)
+    if degree > 1 and degree != training_args.tensor_parallel_degree:
+        raise ConfigurationError(
+            f"--tensor_parallel_degree {degree} needs {degree} processes but this run has {training_args.world_size}: "
+            f"start it with python -m paddle.distributed.launch --nproc_per_node {degree} finetune_generation.py ...")
     if training_args.fp16 and paddle.get_device().startswith("cpu"):
         raise ConfigurationError("--fp16 needs a GPU; on CPU train in float32 (drop --fp16) or try --bf16 True")
     return generation
@@ -114,7 +119,8 @@ def resume_checkpoint(training_args):
     return value
 
 
-def main(argv=None) -> dict:
+def main(argv=None):
+    """Run the job; returns (trainer, metrics) so tests can look inside."""
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
@@ -123,6 +129,13 @@ def main(argv=None) -> dict:
         import tp_cpu_compat
 
         tp_cpu_compat.install()
+    # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
+    # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
+    with paddle.utils.unique_name.guard():
+        return train_and_evaluate(model_args, data_args, training_args, generation)
+
+
+def train_and_evaluate(model_args, data_args, training_args, generation):
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
     train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation)
@@ -155,7 +168,7 @@ def main(argv=None) -> dict:
         logger.info("metrics: %s", {k: v for k, v in summary["metrics"].items() if "runtime" not in k})
         logger.info("wrote %s/metrics.json%s", training_args.output_dir,
                     " and loss_curve.png" if training_args.do_train else "")
-    return metrics
+    return trainer, metrics
 
 
 if __name__ == "__main__":

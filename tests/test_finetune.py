@@ -1,0 +1,199 @@
+"""finetune_generation.py end to end on tiny models: learning, tensor parallel parity, LoRA, prefix, resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import finetune_generation
+from data import DataCollator, Example, get_prompt_format, tokenize_example
+from glm_family import NotAChatGLMCheckpoint
+from glm_trainer import read_log_history
+from model_loading import ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finetune_argv(model_dir, data_dir, output_dir, **overrides):
+    args = {
+        "model_name_or_path": model_dir, "task_name_or_path": data_dir, "output_dir": output_dir,
+        "src_length": 64, "tgt_length": 48, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+        "learning_rate": 3e-3, "warmup_steps": 2, "logging_steps": 1, "max_steps": 10, "save_steps": 1000,
+        "disable_tqdm": True, "report_to": "none", "seed": 42, "do_train": True,
+    }
+    args.update(overrides)
+    argv = []
+    for key, value in args.items():
+        if value is True and key.startswith("do_"):
+            argv.append(f"--{key}")
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def losses(output_dir):
+    return {h["step"]: h["loss"] for h in read_log_history(output_dir) if "loss" in h}
+
+
+def batch_logits(model, tokenizer, model_type):
+    fmt = get_prompt_format(model_type, tokenizer)
+    feats = [tokenize_example(fmt, Example(s, t), 32, 16) for s, t in
+             [("类型#上衣*颜色#白色", "这款衬衫白色调清爽干净。"), ("类型#裙*风格#复古", "这款连衣裙复古韵味十足。")]]
+    batch = {k: paddle.to_tensor(v) for k, v in DataCollator(tokenizer, model_type)(feats).items()}
+    model.eval()
+    with paddle.no_grad():
+        return model(**batch, return_dict=True).logits.numpy()
+
+
+@pytest.mark.slow
+def test_full_finetune_halves_the_loss_and_writes_artifacts(tiny_dir, demo_data, tmp_path):
+    out = tmp_path / "full"
+    trainer, metrics = finetune_generation.main(finetune_argv(
+        tiny_dir("chatglm2"), demo_data, out, max_steps=60, do_eval=True, do_generation=True,
+        max_eval_samples=16, eval_steps=60, evaluation_strategy="steps", save_steps=30))
+    curve = losses(out)
+    assert len(curve) == 60
+    assert np.mean([curve[s] for s in range(56, 61)]) <= 0.5 * curve[1]
+    for name in ["model_state.pdparams", "config.json", "tokenizer.model", "metrics.json", "loss_curve.png",
+                 "checkpoint-30", "checkpoint-60"]:
+        assert (out / name).exists(), name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert {"eval_loss", "eval_accuracy", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_bleu-4"} <= set(
+        summary["metrics"])
+    assert 0 <= metrics["eval_rouge-1"] <= 100 and 0 <= metrics["eval_accuracy"] <= 1
+    assert summary["generation"] == "chatglm2"
+    # The saved folder reloads and computes the same logits as the trained model in memory.
+    reloaded = load_model(str(out), "chatglm2")
+    tok = load_tokenizer(str(out), "chatglm2")
+    np.testing.assert_allclose(batch_logits(reloaded, tok, "chatglm2"), batch_logits(trainer.model, tok, "chatglm2"),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["chatglm", "chatglm3"])
+def test_other_generations_train(model_type, tiny_dir, demo_data, tmp_path):
+    finetune_generation.main(finetune_argv(tiny_dir(model_type), demo_data, tmp_path, max_steps=20))
+    curve = losses(tmp_path)
+    assert np.mean([curve[s] for s in range(16, 21)]) < 0.75 * curve[1]
+
+
+@pytest.mark.slow
+def test_lora_changes_only_adapters_and_reloads(tiny_dir, demo_data, tmp_path):
+    base_file = tiny_dir("chatglm2") / "model_state.pdparams"
+    base = {k: v.numpy() for k, v in paddle.load(str(base_file)).items()}
+    trainer, _ = finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, lora=True,
+                                                        lora_rank=4, learning_rate=1e-2))
+    curve = losses(tmp_path)
+    assert curve[10] < curve[1]
+    model = trainer.model
+    for name, value in model.model.state_dict().items():
+        if "lora" in name:
+            continue
+        np.testing.assert_array_equal(value.numpy(), base[name], err_msg=name)
+    lora_b = {n: v.numpy() for n, v in model.model.state_dict().items() if "lora_B" in n}
+    assert lora_b and all(np.abs(v).max() > 0 for v in lora_b.values())  # initialised at zero, now trained
+    assert (tmp_path / "lora_model_state.pdparams").exists() and (tmp_path / "lora_config.json").exists()
+    assert not (tmp_path / "model_state.pdparams").exists()
+    reloaded = apply_lora(load_model(str(tiny_dir("chatglm2")), "chatglm2"), "chatglm2", 4, 8, lora_path=str(tmp_path))
+    tok = load_tokenizer(str(tiny_dir("chatglm2")), "chatglm2")
+    np.testing.assert_allclose(batch_logits(reloaded, tok, "chatglm2"), batch_logits(model, tok, "chatglm2"), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_prefix_tuning_trains_and_reloads(tiny_dir, demo_data, tmp_path):
+    trainer, _ = finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, prefix_tuning=True,
+                                                        num_prefix_tokens=8, learning_rate=3e-2, max_steps=15))
+    curve = losses(tmp_path)
+    assert np.mean([curve[s] for s in range(11, 16)]) < curve[1]
+    assert (tmp_path / "prefix_model_state.pdparams").exists()
+    base = load_model(str(tiny_dir("chatglm2")), "chatglm2", use_cache=True)
+    reloaded = apply_prefix(base, "chatglm2", 8, prefix_path=str(tmp_path))
+    tok = load_tokenizer(str(tiny_dir("chatglm2")), "chatglm2")
+    np.testing.assert_allclose(batch_logits(reloaded, tok, "chatglm2"), batch_logits(trainer.model, tok, "chatglm2"),
+                               atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, demo_data, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, full, max_steps=12, save_steps=6))
+    resumed.mkdir()
+    os.system(f"cp -r {full / 'checkpoint-6'} {resumed}/")
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, resumed, max_steps=12, save_steps=6,
+                                           resume_from_checkpoint="auto"))
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == list(range(7, 13))
+    for step in range(7, 13):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_cpu_processes_match_single_process(tiny_dir, demo_data, tmp_path):
+    common = dict(max_steps=2, save_steps=2, learning_rate=1e-3)
+    single = tmp_path / "single"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, single, **common))
+    tp = tmp_path / "tp"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "launch_log"), str(ROOT / "finetune_generation.py"),
+           *finetune_argv(tiny_dir("chatglm2"), demo_data, tp, tensor_parallel_degree=2, **common)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "launch_log").glob("workerlog.*")))
+    assert proc.returncode == 0, logs
+    a, b = losses(single), losses(tp)
+    assert abs(a[1] - b[1]) <= 1e-5, (a, b)
+    assert abs(a[2] - b[2]) <= 1e-4, (a, b)  # after one optimizer step on sharded weights
+    assert (tp / "model_state.tp00.pdparams").exists() and (tp / "model_state.tp01.pdparams").exists()
+    assert (tp / "checkpoint-2" / "model_state.tp01.pdparams").exists()
+
+
+# ------------------------------------------------------------------------------------- refused up front
+
+
+def run_refused(argv):
+    with pytest.raises((ConfigurationError, NotAChatGLMCheckpoint, ValueError)) as err:
+        finetune_generation.main(argv)
+    return str(err.value)
+
+
+def test_refuses_tensor_parallel_degree_that_does_not_divide_kv_groups(tiny_dir, demo_data, tmp_path):
+    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, tensor_parallel_degree=4))
+    assert "does not divide multi_query_group_num=2" in msg and "1 or 2" in msg
+    msg = run_refused(finetune_argv(tiny_dir("chatglm"), demo_data, tmp_path, tensor_parallel_degree=3))
+    assert "does not divide num_attention_heads=4" in msg
+
+
+def test_refuses_tensor_parallel_without_the_launcher(tiny_dir, demo_data, tmp_path):
+    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, tensor_parallel_degree=2))
+    assert "paddle.distributed.launch --nproc_per_node 2" in msg
+
+
+def test_refuses_missing_dataset_files(tiny_dir, tmp_path):
+    (tmp_path / "data").mkdir()
+    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), tmp_path / "data", tmp_path / "o"))
+    assert "train.json not found" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_a_folder_that_is_not_chatglm(demo_data, tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "model_type='llama'" in run_refused(finetune_argv(tmp_path / "llama", demo_data, tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    assert "has no config.json" in run_refused(finetune_argv(tmp_path / "empty", demo_data, tmp_path / "o"))
+
+
+def test_refuses_lengths_over_the_model_sequence_length(tiny_dir, demo_data, tmp_path):
+    msg = run_refused(finetune_argv(tiny_dir("chatglm3"), demo_data, tmp_path, src_length=2000, tgt_length=100))
+    assert "exceeds this model's sequence length 2048" in msg
+
+
+def test_cli_prints_the_error_without_a_traceback(tiny_dir, demo_data, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune_generation.py"),
+                           *finetune_argv(tiny_dir("chatglm2"), tmp_path / "nowhere", tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: --task_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
