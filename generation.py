@@ -58,5 +58,8 @@ def generate_ids(model, tokenizer, generation: str, prompts: List[List[int]], ma
 
 
 def decode_answer(tokenizer, ids: List[int]) -> str:
-    """Answer text; ChatGLM3's answers open with a newline (its metadata line), which is not part of the text."""
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    """Answer text. Ids in the model's padded vocabulary tail (65024 rows for a 64798-token tokenizer) have no
+    text and are dropped; ChatGLM3's answers open with a newline (its metadata line), stripped with the rest
+    of the surrounding whitespace."""
+    known = [int(i) for i in ids if 0 <= int(i) < tokenizer.vocab_size]
+    return tokenizer.decode(known, skip_special_tokens=True).strip()

@@ -213,3 +213,13 @@ def test_longbench_conversion_golden(tmp_path):
         main(["--input_dir", str(tmp_path / "lb"), "--prompt_config", str(tmp_path / "prompts.json"),
               "--output_file", str(tmp_path / "never.json")])
     assert not (tmp_path / "never.json").exists()
+
+
+def test_decoding_skips_ids_of_the_padded_vocabulary(tiny_tokenizer):
+    from generation import cut_at_stop, decode_answer, stop_token_ids
+
+    tok = tiny_tokenizer("chatglm3")
+    ids = tok.tokenizer.encode("白色调清爽干净")
+    assert decode_answer(tok, [tok.vocab_size + 3] + ids + [tok.vocab_size]) == "白色调清爽干净"
+    stops = stop_token_ids(tok, "chatglm3")
+    assert cut_at_stop(ids + [tok.get_command("<|user|>")] + ids, stops) == ids
