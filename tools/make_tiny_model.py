@@ -91,7 +91,7 @@ def build_config(model_type: str, tokenizer, sizes: dict, max_sequence_length: i
     hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
     if model_type == "chatglm":
         config = config_class(
-            vocab_size=tokenizer.vocab_size,
+            vocab_size=sizes.get("vocab_size") or tokenizer.vocab_size,
             hidden_size=hidden,
             num_hidden_layers=sizes["num_layers"],
             num_attention_heads=heads,
@@ -106,7 +106,7 @@ def build_config(model_type: str, tokenizer, sizes: dict, max_sequence_length: i
         )
     else:
         # Real checkpoints pad the vocabulary (64798 -> 65024); a multiple of 64 keeps TP splits even.
-        padded_vocab = -(-tokenizer.vocab_size // 64) * 64
+        padded_vocab = sizes.get("vocab_size") or -(-tokenizer.vocab_size // 64) * 64
         config = config_class(
             num_hidden_layers=sizes["num_layers"],
             vocab_size=padded_vocab,
@@ -208,12 +208,16 @@ def main(argv=None) -> None:
                         help="attention heads (v2/v3 keep 2 key/value groups)")
     parser.add_argument("--ffn_hidden_size", type=int, default=DEFAULT_SIZES["ffn_hidden_size"],
                         help="MLP inner width")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="model vocabulary rows (default: the tokenizer's, padded to 64 for v2/v3); e.g. 65024 "
+                             "to match the real ChatGLM2 output layer in benchmarks")
     parser.add_argument("--max_sequence_length", type=int, default=2048,
                         help="longest sequence the config allows (src_length + tgt_length must fit)")
     parser.add_argument("--max_shard_size", default=None,
                         help="hf format only: split safetensors into shards of at most this size, e.g. 200KB")
     args = parser.parse_args(argv)
     sizes = {k: getattr(args, k) for k in DEFAULT_SIZES}
+    sizes["vocab_size"] = args.vocab_size
     out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
                           args.max_sequence_length, args.max_shard_size)
     print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)
