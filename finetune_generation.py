@@ -53,8 +53,12 @@ def validate(model_args, data_args, training_args) -> str:
         raise ConfigurationError(
             f"--tensor_parallel_degree {degree} needs {degree} processes but this run has {training_args.world_size}: "
             f"start it with python -m paddle.distributed.launch --nproc_per_node {degree} finetune_generation.py ...")
-    if training_args.fp16 and paddle.get_device().startswith("cpu"):
-        raise ConfigurationError("--fp16 needs a GPU; on CPU train in float32 (drop --fp16) or try --bf16 True")
+    on_cpu = paddle.get_device().startswith("cpu")
+    if training_args.fp16 and on_cpu:
+        raise ConfigurationError("--fp16 needs a GPU; on CPU train in float32 (drop --fp16)")
+    if training_args.bf16 and training_args.fp16_opt_level == "O2" and on_cpu:
+        raise ConfigurationError("--bf16 with --fp16_opt_level O2 (pure bfloat16 weights) has no CPU kernels in "
+                                 "Paddle 3.3.1; on CPU use --fp16_opt_level O1 or drop --bf16")
     return generation
 
 

@@ -191,6 +191,26 @@ def test_refuses_lengths_over_the_model_sequence_length(tiny_dir, demo_data, tmp
     assert "exceeds this model's sequence length 2048" in msg
 
 
+def test_refuses_half_precision_without_kernels_on_cpu(tiny_dir, demo_data, tmp_path):
+    assert "--fp16 needs a GPU" in run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, fp16=True))
+    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, bf16=True, fp16_opt_level="O2"))
+    assert "no CPU kernels" in msg
+
+
+@pytest.mark.slow
+def test_recompute_gives_the_same_losses(tiny_dir, demo_data, tmp_path):
+    # The 32K recipe trains long sources with recompute; it must change memory, not the numbers.
+    common = dict(max_steps=3, src_length=1024, tgt_length=512, per_device_train_batch_size=4)
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm3"), demo_data, tmp_path / "a", **common))
+    trainer, _ = finetune_generation.main(finetune_argv(tiny_dir("chatglm3"), demo_data, tmp_path / "b", recompute=True,
+                                                        **common))
+    assert trainer.model.chatglm_v2.encoder.enable_recompute
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6
+
+
 def test_cli_prints_the_error_without_a_traceback(tiny_dir, demo_data, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "finetune_generation.py"),
                            *finetune_argv(tiny_dir("chatglm2"), tmp_path / "nowhere", tmp_path / "o")],
