@@ -14,7 +14,7 @@ import sys
 
 import paddle
 from paddlenlp.datasets import MapDataset
-from paddlenlp.trainer import PdArgumentParser, get_last_checkpoint
+from paddlenlp.trainer import PdArgumentParser, get_last_checkpoint, set_seed
 
 from argument import DataArgument, GenerateArgument, GLMTrainingArguments, ModelArgument
 from data import DataFormatError, get_prompt_format, read_examples, task_file, tokenize_example, DataCollator
@@ -79,7 +79,7 @@ def build_model(model_args, training_args, generation):
                        use_cache=bool(model_args.prefix_tuning), recompute=training_args.recompute)
     if model_args.lora:
         model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path,
-                           dtype)
+                           dtype, seed=training_args.seed)
     elif model_args.prefix_tuning:
         model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path, dtype)
     return model
@@ -140,6 +140,7 @@ def main(argv=None):
 
 
 def train_and_evaluate(model_args, data_args, training_args, generation):
+    set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
     train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation)

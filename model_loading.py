@@ -90,7 +90,31 @@ def load_tokenizer(model_name_or_path: str, generation: str):
     return tokenizer_class.from_pretrained(model_name_or_path)
 
 
-def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = None, dtype: str = "float32"):
+def init_lora_a(model, seed: int) -> None:
+    """Draw every lora_A as a full matrix from a numpy RNG seeded by (seed, parameter name) and keep this rank's
+    rows. PaddleNLP draws a shard-sized matrix per rank instead, so a tensor-parallel run would start from other
+    adapters than the single-process run and the two could not be compared. Same bound as PaddleNLP's
+    Kaiming-uniform(a=sqrt(5)) initialiser: 1/sqrt(fan_in)."""
+    import zlib
+
+    import numpy as np
+    import paddle
+
+    config = model.model.config if hasattr(model, "model") else model.config
+    degree, rank = max(config.tensor_parallel_degree, 1), max(config.tensor_parallel_rank, 0)
+    for name, param in model.named_parameters():
+        if not name.endswith("lora_A"):
+            continue
+        split = getattr(param, "is_distributed", False) and degree > 1
+        rows = param.shape[0] * (degree if split else 1)
+        rng = np.random.RandomState((seed + zlib.crc32(name.encode())) % (2**32))
+        full = rng.uniform(-1 / np.sqrt(rows), 1 / np.sqrt(rows), size=(rows, param.shape[1])).astype("float32")
+        shard = full[rank * param.shape[0]:(rank + 1) * param.shape[0]] if split else full
+        param.set_value(paddle.to_tensor(shard, dtype=param.dtype))
+
+
+def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = None, dtype: str = "float32",
+               seed: int = 42):
     """Wrap `model` with LoRA adapters on the generation's linear layers (trainable) or load trained ones."""
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
@@ -105,6 +129,7 @@ def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = N
         dtype=dtype,
     )
     model = LoRAModel(model, config)
+    init_lora_a(model, seed)
     model.mark_only_lora_as_trainable()
     return model
 

@@ -37,7 +37,9 @@ def _all_gather_into_tensor_on_calc_stream(self, out, tensor):
 
 def _identity_forward(ctx, tensor, group, skip_c_identity_dynamic):
     ctx.group = group
-    return tensor
+    # A new tensor, as the c_identity kernel makes: a PyLayer that hands back its own input is skipped
+    # by autograd, and the all-reduce in backward would never run.
+    return tensor.clone()
 
 
 def _identity_backward(ctx, dy):

@@ -132,8 +132,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, demo_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_two_cpu_processes_match_single_process(tiny_dir, demo_data, tmp_path):
-    common = dict(max_steps=2, save_steps=2, learning_rate=1e-3)
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_tensor_parallel_two_cpu_processes_match_single_process(method, tiny_dir, demo_data, tmp_path):
+    common = dict(max_steps=3, save_steps=3, learning_rate=1e-3)
+    if method == "lora":  # PaddleNLP #5965: LoRA under TP logged lr=0 and then NaN
+        common.update(lora=True, lora_rank=4, learning_rate=1e-2)
     single = tmp_path / "single"
     finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, single, **common))
     tp = tmp_path / "tp"
@@ -145,9 +148,13 @@ def test_tensor_parallel_two_cpu_processes_match_single_process(tiny_dir, demo_d
     assert proc.returncode == 0, logs
     a, b = losses(single), losses(tp)
     assert abs(a[1] - b[1]) <= 1e-5, (a, b)
-    assert abs(a[2] - b[2]) <= 1e-4, (a, b)  # after one optimizer step on sharded weights
-    assert (tp / "model_state.tp00.pdparams").exists() and (tp / "model_state.tp01.pdparams").exists()
-    assert (tp / "checkpoint-2" / "model_state.tp01.pdparams").exists()
+    for step in (2, 3):  # after optimizer steps on sharded weights
+        assert abs(a[step] - b[step]) <= 1e-4, (step, a, b)
+    rates = [h["learning_rate"] for h in read_log_history(tp) if "loss" in h]
+    assert rates[0] > 0 and all(np.isfinite(list(b.values())))
+    prefix = "lora_model_state" if method == "lora" else "model_state"
+    assert (tp / f"{prefix}.tp00.pdparams").exists() and (tp / f"{prefix}.tp01.pdparams").exists()
+    assert (tp / "checkpoint-3" / f"{prefix}.tp01.pdparams").exists()
 
 
 # ------------------------------------------------------------------------------------- refused up front
