@@ -71,3 +71,17 @@ class GLMTrainingArguments(TrainingArguments):
         # so a run without the launcher is refused instead of silently training on one process.
         self.requested_tensor_parallel_degree = self.tensor_parallel_degree
         super().__post_init__()
+
+
+@dataclass
+class PredictArgument:
+    data_file: Optional[str] = field(default=None, metadata={"help": "JSON lines (or a JSON list) whose 'content' "
+                                                                     "or 'instruction'/'input' is the prompt; "
+                                                                     "built-in examples when omitted."})
+    output_file: Optional[str] = field(default=None, metadata={"help": "Write JSON lines {\"prompt\", \"output\"} "
+                                                                       "here, in input order."})
+    batch_size: int = field(default=4, metadata={"help": "Prompts generated together (left-padded)."})
+    seed: int = field(default=42, metadata={"help": "Seed for sampling."})
+    merge_tensor_parallel_path: Optional[str] = field(default=None, metadata={
+        "help": "With a tensor-parallel checkpoint under paddle.distributed.launch: also write the merged "
+                "single-shard checkpoint (weights, config, tokenizer) to this folder."})

@@ -79,6 +79,13 @@ def load_model(model_name_or_path: str, generation: str, dtype: str = "float32",
                tensor_parallel_rank: int = 0, **config_overrides):
     """The PaddleNLP model class of `generation`, loaded (and split for tensor parallel) from the checkpoint."""
     _, model_class, _ = get_generation(generation).classes()
+    shards = sorted(Path(model_name_or_path).glob("model_state.tp*.pdparams")) if Path(model_name_or_path).is_dir() else []
+    if shards and len(shards) != tensor_parallel_degree:
+        raise ConfigurationError(
+            f"{model_name_or_path} is split into {len(shards)} tensor-parallel shards but this run uses degree "
+            f"{tensor_parallel_degree}: launch with python -m paddle.distributed.launch --nproc_per_node "
+            f"{len(shards)} (and --tensor_parallel_degree {len(shards)} for training), or merge the shards first: "
+            f"python tools/merge_tp_shards.py {model_name_or_path} MERGED_DIR")
     config = load_config(model_name_or_path, generation, tensor_parallel_degree=tensor_parallel_degree,
                          tensor_parallel_rank=tensor_parallel_rank, tensor_parallel_output=False,
                          **config_overrides)

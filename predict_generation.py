@@ -1,0 +1,92 @@
+"""Batch generation with a (fine-tuned) ChatGLM in dygraph; merges tensor-parallel shards when asked.
+
+    python predict_generation.py --model_name_or_path ./checkpoints/chatglm2_sft
+    python predict_generation.py --model_name_or_path CKPT --data_file dev.json --output_file predictions.json \
+        --src_length 64 --tgt_length 64 --batch_size 8 [--decode_strategy sampling --top_p 0.7 --temperature 0.95]
+    python predict_generation.py --model_name_or_path BASE --lora_path OUTPUT_OF_LORA_RUN   # or --prefix_path
+    python -m paddle.distributed.launch --nproc_per_node 2 predict_generation.py --model_name_or_path TP_CKPT \
+        --merge_tensor_parallel_path ./checkpoints/merged
+"""
+import logging
+import sys
+
+import paddle
+from paddlenlp.trainer import PdArgumentParser
+
+from argument import DataArgument, GenerateArgument, ModelArgument, PredictArgument
+from data import DataFormatError
+from glm_family import NotAChatGLMCheckpoint
+from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, load_config, load_model,
+                           load_tokenizer, resolve_generation)
+from predictor import DygraphPredictor, load_prompts, write_predictions
+from tp_merge import ShardMergeError, merge_tp_shards
+from utils import quiet_library_logs
+
+logger = logging.getLogger("predict_generation")
+
+
+def parse_arguments(argv=None):
+    parser = PdArgumentParser((ModelArgument, DataArgument, GenerateArgument, PredictArgument))
+    return parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+
+
+def init_tensor_parallel() -> tuple:
+    """(degree, rank): the launcher's world size becomes the tensor-parallel degree."""
+    world = paddle.distributed.get_world_size()
+    if world <= 1:
+        return 1, 0
+    from paddle.distributed import fleet
+
+    import tp_cpu_compat
+
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": world, "pp_degree": 1}
+    fleet.init(is_collective=True, strategy=strategy)
+    tp_cpu_compat.install()
+    return world, fleet.get_hybrid_communicate_group().get_model_parallel_rank()
+
+
+def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, rank=0) -> DygraphPredictor:
+    generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    check_lengths(load_config(model_args.model_name_or_path, generation), data_args.src_length, data_args.tgt_length)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
+    model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,
+                       tensor_parallel_rank=rank, use_cache=True)
+    if model_args.lora_path:
+        model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path)
+    elif model_args.prefix_path:
+        model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path)
+    model.eval()
+    return DygraphPredictor(model, tokenizer, generation, src_length=data_args.src_length,
+                            max_new_tokens=data_args.tgt_length, batch_size=predict_args.batch_size,
+                            decode_strategy=gen_args.decode_strategy, top_k=gen_args.top_k, top_p=gen_args.top_p,
+                            temperature=gen_args.temperature, seed=predict_args.seed)
+
+
+def main(argv=None):
+    model_args, data_args, gen_args, predict_args = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_logs()
+    examples = load_prompts(predict_args.data_file)
+    degree, rank = init_tensor_parallel()
+    predictor = build_predictor(model_args, data_args, gen_args, predict_args, degree, rank)
+    outputs = predictor.predict(examples)
+    if rank == 0:
+        for example, output in zip(examples, outputs):
+            print(f"### prompt: {example.src}\n### output: {output}\n", flush=True)
+        if predict_args.output_file:
+            write_predictions(predict_args.output_file, examples, outputs)
+            logger.info("wrote %d predictions to %s", len(outputs), predict_args.output_file)
+        if predict_args.merge_tensor_parallel_path:
+            merged = merge_tp_shards(model_args.model_name_or_path, predict_args.merge_tensor_parallel_path)
+            logger.info("merged %d shards into %s", degree, merged)
+    if degree > 1:
+        paddle.distributed.barrier()
+    return outputs
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigurationError, DataFormatError, NotAChatGLMCheckpoint, ShardMergeError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,126 @@
+"""The predictor template shared by predict_generation.py (dygraph) and infer_generation.py (exported engine):
+`predict(examples) = _postprocess(_infer(_preprocess(examples)))`; the two differ only in `_infer`."""
+import json
+import logging
+from pathlib import Path
+from typing import List
+
+import numpy as np
+
+from data import Example, get_prompt_format
+from generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣", "类型#裙*风格#复古*图案#格子",
+                   "你好", "晚上睡不着应该怎么办"]
+
+
+class BasePredictor:
+    def __init__(self, tokenizer, generation: str, src_length: int, max_new_tokens: int, batch_size: int = 8,
+                 decode_strategy: str = "greedy_search", top_k: int = 1, top_p: float = 1.0,
+                 temperature: float = 1.0, seed: int = 42):
+        self.tokenizer, self.generation = tokenizer, generation
+        self.format = get_prompt_format(generation, tokenizer)
+        self.src_length, self.max_new_tokens, self.batch_size = src_length, max_new_tokens, batch_size
+        self.sampling = dict(decode_strategy=decode_strategy, top_k=top_k, top_p=top_p, temperature=temperature)
+        self.seed = seed
+
+    def _preprocess(self, examples: List[Example]) -> List[List[int]]:
+        return [self.format.prompt_ids(e.src, e.history, self.src_length) for e in examples]
+
+    def _infer(self, prompts: List[List[int]]) -> List[List[int]]:
+        raise NotImplementedError
+
+    def _postprocess(self, ids: List[List[int]]) -> List[str]:
+        return [decode_answer(self.tokenizer, row) for row in ids]
+
+    def predict_ids(self, examples: List[Example]) -> List[List[int]]:
+        return self._infer(self._preprocess(examples))
+
+    def predict(self, examples: List[Example]) -> List[str]:
+        return self._postprocess(self.predict_ids(examples))
+
+
+class DygraphPredictor(BasePredictor):
+    """PaddleNLP's `generate` on the dygraph model."""
+
+    def __init__(self, model, tokenizer, generation, **kwargs):
+        super().__init__(tokenizer, generation, **kwargs)
+        self.model = model
+
+    def _infer(self, prompts):
+        import paddle
+
+        paddle.seed(self.seed)
+        return generate_ids(self.model, self.tokenizer, self.generation, prompts, self.max_new_tokens,
+                            self.batch_size, **self.sampling)
+
+
+def choose_next(logits: np.ndarray, rng: np.random.RandomState, decode_strategy: str, top_k: int, top_p: float,
+                temperature: float) -> np.ndarray:
+    """Greedy argmax, or sampling with temperature, top-k and top-p, on [B, V] logits."""
+    if decode_strategy != "sampling":
+        return logits.argmax(-1)
+    logits = logits.astype("float64") / max(temperature, 1e-6)
+    chosen = []
+    for row in logits:
+        order = np.argsort(-row)
+        if top_k and top_k > 0:
+            order = order[:top_k]
+        probs = np.exp(row[order] - row[order].max())
+        probs /= probs.sum()
+        keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1) if top_p < 1.0 else len(order)
+        probs = probs[:keep] / probs[:keep].sum()
+        chosen.append(order[rng.choice(keep, p=probs)])
+    return np.asarray(chosen, dtype="int64")
+
+
+class StepEnginePredictor(BasePredictor):
+    """Runs an exported step graph (see step_model.py) one token at a time with its KV cache.
+    `run(feeds) -> (next_logits, cache_k, cache_v)` is the engine: Paddle Inference, FastDeploy or ONNX Runtime."""
+
+    def __init__(self, run, feeds, tokenizer, generation, **kwargs):
+        super().__init__(tokenizer, generation, **kwargs)
+        self.run, self.feeds = run, feeds
+        self.stops = stop_token_ids(tokenizer, generation)
+
+    def _infer(self, prompts):
+        results = []
+        rng = np.random.RandomState(self.seed)
+        for start in range(0, len(prompts), self.batch_size):
+            results += self._generate(prompts[start:start + self.batch_size], rng)
+        return results
+
+    def _generate(self, prompts, rng):
+        feeds = self.feeds.prefill(prompts)
+        tokens = [[] for _ in prompts]
+        done = np.zeros(len(prompts), dtype=bool)
+        for _ in range(self.max_new_tokens):
+            logits, cache_k, cache_v = self.run(feeds)
+            chosen = choose_next(logits, rng, **self.sampling)
+            for row, token in enumerate(chosen):
+                if not done[row]:
+                    tokens[row].append(int(token))
+                    done[row] = int(token) in self.stops
+            if done.all():
+                break
+            feeds = self.feeds.advance(feeds, chosen, cache_k, cache_v)
+        return [cut_at_stop(row, self.stops) for row in tokens]
+
+
+def write_predictions(path, examples: List[Example], outputs: List[str]) -> None:
+    """JSON lines {"prompt", "output"} in input order, written atomically."""
+    from utils import atomic_write_text
+
+    lines = [json.dumps({"prompt": e.src, "output": o}, ensure_ascii=False) + "\n" for e, o in zip(examples, outputs)]
+    atomic_write_text(Path(path), "".join(lines))
+
+
+def load_prompts(data_file: str = None) -> List[Example]:
+    """Prompts from `--data_file` (JSON lines or list with `content` or `instruction`/`input`), or the built-ins."""
+    from data import read_examples
+
+    if not data_file:
+        return [Example(p) for p in BUILTIN_PROMPTS]
+    return read_examples(data_file, require_target=False)

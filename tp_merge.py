@@ -1,0 +1,111 @@
+"""Merge a tensor-parallel checkpoint (`model_state.tp0K.pdparams` shards) into one single-shard checkpoint.
+
+Everything is checked before anything is written: the shard files against the config's
+tensor_parallel_degree (none missing, none extra), every tensor present in every shard, and every merged shape
+against the single-process model built from the same config. The output folder is staged next to the target and
+renamed into place, so a refused or failed merge leaves the target as it was (PaddleNLP #6137 is what happens when a
+merged file silently misses tensors).
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from glm_family import detect_generation, get_generation
+
+SHARD_PATTERN = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "ice_text.model",
+                   "added_tokens.json", "generation_config.json")
+
+
+class ShardMergeError(ValueError):
+    """The shards cannot be merged into the model their config describes; nothing was written."""
+
+
+def shard_files(checkpoint_dir: Path, degree: int) -> list:
+    found = {int(m.group(1)): p for p in checkpoint_dir.iterdir() if (m := SHARD_PATTERN.match(p.name))}
+    expected = set(range(degree))
+    missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+    if missing or extra:
+        raise ShardMergeError(
+            f"{checkpoint_dir}: config.json says tensor_parallel_degree={degree}, so shards tp00..tp{degree - 1:02d} "
+            f"are expected; missing {[f'tp{r:02d}' for r in missing]}, unexpected {[f'tp{r:02d}' for r in extra]}")
+    return [found[r] for r in range(degree)]
+
+
+def expected_shapes(config, generation: str) -> dict:
+    """Parameter shapes of the single-process model, without allocating its weights."""
+    import paddle
+
+    _, model_class, _ = get_generation(generation).classes()
+    single = config.__class__.from_dict({**config.to_dict(), "tensor_parallel_degree": 1, "tensor_parallel_rank": 0})
+    with paddle.LazyGuard():
+        model = model_class(single)
+    return {name: list(p.shape) for name, p in model.state_dict().items()}
+
+
+def merge_state_dicts(shards: list, config, generation: str) -> dict:
+    _, model_class, _ = get_generation(generation).classes()
+    merge_fns = model_class._get_tensor_parallel_mappings(config, is_split=False)
+    prefix = model_class.base_model_prefix + "."
+    names = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(names):
+            diff = sorted(set(names) ^ set(shard))
+            raise ShardMergeError(f"shard tp{rank:02d} holds other tensors than tp00: {diff[:5]}")
+    merged = {}
+    for name in names:
+        parts = [np.asarray(shard[name].numpy() if hasattr(shard[name], "numpy") else shard[name]) for shard in shards]
+        fn = merge_fns.get(name) or merge_fns.get(name[len(prefix):] if name.startswith(prefix) else name)
+        merged[name] = fn(parts) if fn is not None else parts[0]
+    return merged
+
+
+def check_shapes(merged: dict, expected: dict) -> None:
+    problems = [f"{n}: merged {list(a.shape)} but the model needs {expected[n]}"
+                for n, a in merged.items() if n in expected and list(a.shape) != expected[n]]
+    # Tied or derived weights (v1's lm_head) are not saved; anything else the model needs must be there.
+    missing = [n for n in expected if n not in merged and not n.startswith("lm_head.")]
+    unknown = [n for n in merged if n not in expected]
+    if problems or missing or unknown:
+        raise ShardMergeError("; ".join(problems + [f"missing {missing}"] * bool(missing) +
+                                        [f"unexpected {unknown}"] * bool(unknown)))
+
+
+def merge_tp_shards(checkpoint_dir, output_dir) -> Path:
+    """Merge the shards in `checkpoint_dir` into a single-shard checkpoint (weights, config, tokenizer) at
+    `output_dir`. Raises ShardMergeError before writing anything when the shards do not fit the config."""
+    import paddle
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    generation = detect_generation(checkpoint_dir)
+    config_class, _, _ = get_generation(generation).classes()
+    config = config_class.from_pretrained(str(checkpoint_dir))
+    degree = int(getattr(config, "tensor_parallel_degree", 1) or 1)
+    if degree <= 1:
+        raise ShardMergeError(f"{checkpoint_dir}/config.json has tensor_parallel_degree={degree}: nothing to merge")
+    shards = [paddle.load(str(p), return_numpy=True) for p in shard_files(checkpoint_dir, degree)]
+    merged = merge_state_dicts(shards, config, generation)
+    check_shapes(merged, expected_shapes(config, generation))
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        paddle.save(merged, str(staging / "model_state.pdparams"))
+        config_dict = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
+        config_dict.update(tensor_parallel_degree=1, tensor_parallel_rank=0)
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, staging / name)
+        staging.chmod(0o755)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
