@@ -72,9 +72,13 @@ def chat(predictor, stdin=sys.stdin, stdout=sys.stdout) -> None:
         stdout.flush()
 
 
-def main(argv=None):
+def parse_arguments(argv=None):
     parser = PdArgumentParser((InferArgument, GenerateArgument, PredictArgument))
-    infer_args, gen_args, predict_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    return parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+
+
+def main(argv=None):
+    infer_args, gen_args, predict_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
     predictor = build_predictor(infer_args, gen_args, predict_args)

@@ -1,0 +1,226 @@
+"""Prediction, TP-shard merging, export and the C++ engine, for all three generations on tiny models."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+import export_generation_model
+import finetune_generation
+import infer_generation
+import predict_generation
+from data import Example, read_examples
+from model_loading import load_model, load_tokenizer
+from tp_merge import ShardMergeError, merge_tp_shards
+
+from .conftest import GENERATIONS
+from .test_finetune import batch_logits, finetune_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_dir, demo_data, tmp_path_factory):
+    """A tiny model of each generation after 150 steps on the demo data: its greedy answers vary with the prompt
+    (an untrained v1 repeats one token), so token-level comparisons mean something."""
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            out = tmp_path_factory.mktemp(f"trained_{model_type}")
+            finetune_generation.main(finetune_argv(tiny_dir(model_type), demo_data, out, max_steps=150,
+                                                   learning_rate=5e-3, per_device_train_batch_size=16))
+            built[model_type] = out
+        return built[model_type]
+
+    return get
+
+
+def varied_prompts(demo_data, count=24):
+    """Dev prompts of varied length, a few with history, and short chat prompts."""
+    dev = read_examples(demo_data / "dev.json")[:count - 4]
+    return dev + [Example("你好"), Example("晚上睡不着应该怎么办", history=[("你好", "你好！")]),
+                  Example("类型#裙", history=[("类型#上衣*颜色#白色", "这款衬衫白色调清爽干净。")] * 2),
+                  Example("a" * 3)]
+
+
+def predict_argv(model_dir, **extra):
+    argv = ["--model_name_or_path", str(model_dir), "--src_length", "96", "--tgt_length", "24"]
+    for key, value in extra.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def write_prompts(path, examples):
+    path.write_text("".join(json.dumps({"content": e.src, "history": [list(h) for h in e.history]},
+                                       ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", GENERATIONS)
+def test_batched_generation_equals_one_by_one(model_type, trained, demo_data, tmp_path):
+    examples = varied_prompts(demo_data, 12)
+    data_file = write_prompts(tmp_path / "prompts.json", examples)
+    batched = predict_generation.main(predict_argv(trained(model_type), data_file=data_file, batch_size=6))
+    single = predict_generation.main(predict_argv(trained(model_type), data_file=data_file, batch_size=1))
+    assert batched == single
+    assert len(set(batched)) > 3  # the answers differ with the prompt, so equality is informative
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", GENERATIONS)
+def test_exported_engine_is_token_identical_to_dygraph(model_type, trained, demo_data, tmp_path):
+    examples = varied_prompts(demo_data, 24)
+    data_file = write_prompts(tmp_path / "prompts.json", examples)
+    dy_file, engine_file = tmp_path / "dygraph.json", tmp_path / "engine.json"
+    predictor = predict_generation.build_predictor(*predict_generation.parse_arguments(
+        predict_argv(trained(model_type), batch_size=4)))
+    dygraph_ids = predictor.predict_ids(examples)
+    predict_generation.main(predict_argv(trained(model_type), data_file=data_file, output_file=dy_file, batch_size=4))
+
+    out = export_generation_model.main(["--model_name_or_path", str(trained(model_type)), "--output_path",
+                                        str(tmp_path / "infer" / "chatglm"), "--src_length", "96",
+                                        "--tgt_length", "24"])
+    info = json.loads((out.parent / "chatglm.generation.json").read_text())
+    assert info["generation"] == model_type and info["inputs"][0] == "input_ids"
+    engine_predictor = infer_generation.build_predictor(*infer_generation.parse_arguments(
+        ["--model_path", str(out.parent), "--model_prefix", "chatglm", "--batch_size", "4"]))
+    assert engine_predictor.predict_ids(examples) == dygraph_ids
+    assert sum(len(ids) for ids in dygraph_ids) > 100
+    infer_generation.main(["--model_path", str(out.parent), "--model_prefix", "chatglm", "--data_file",
+                           str(data_file), "--output_file", str(engine_file), "--batch_size", "4"])
+    assert engine_file.read_text(encoding="utf-8") == dy_file.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_interactive_mode_answers_and_keeps_history(trained, tmp_path):
+    import io
+
+    out = export_generation_model.main(["--model_name_or_path", str(trained("chatglm3")), "--output_path",
+                                        str(tmp_path / "chatglm"), "--tgt_length", "8"])
+    predictor = infer_generation.build_predictor(*infer_generation.parse_arguments(
+        ["--model_path", str(out.parent), "--model_prefix", "chatglm"]))
+    seen = []
+    original = predictor.predict
+    predictor.predict = lambda examples: seen.append(examples[0]) or original(examples)
+    stdout = io.StringIO()
+    infer_generation.chat(predictor, io.StringIO("你好\n类型#裙\nclear\n你好\nexit\n"), stdout)
+    assert stdout.getvalue().count("ChatGLM: ") == 3
+    assert [len(e.history) for e in seen] == [0, 1, 0]
+    assert seen[1].history[0][0] == "你好"
+
+
+# ------------------------------------------------------------------------------------------- TP merging
+
+
+def split_into_shards(model_dir, out_dir, degree=2):
+    """Write `model_dir` as a tensor-parallel checkpoint with PaddleNLP's own split functions."""
+    from glm_family import detect_generation, get_generation
+
+    generation = detect_generation(model_dir)
+    config_class, model_class, _ = get_generation(generation).classes()
+    config = config_class.from_pretrained(str(model_dir))
+    config.tensor_parallel_degree = degree
+    state = paddle.load(str(Path(model_dir) / "model_state.pdparams"), return_numpy=True)
+    prefix = model_class.base_model_prefix + "."
+    shutil.copytree(model_dir, out_dir)
+    (Path(out_dir) / "model_state.pdparams").unlink()
+    for rank in range(degree):
+        config.tensor_parallel_rank = rank
+        fns = model_class._get_tensor_parallel_mappings(config, is_split=True)
+        shard = {}
+        for name, value in state.items():
+            fn = fns.get(name) or fns.get(name[len(prefix):])
+            # PaddleNLP's ChatGLM2 split functions concatenate with paddle ops: give them tensors.
+            part = fn(paddle.to_tensor(value)) if fn else value
+            shard[name] = np.asarray(part.numpy() if hasattr(part, "numpy") else part)
+        paddle.save(shard, str(Path(out_dir) / f"model_state.tp{rank:02d}.pdparams"))
+    cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    cfg["tensor_parallel_degree"] = degree
+    (Path(out_dir) / "config.json").write_text(json.dumps(cfg))
+    return Path(out_dir)
+
+
+@pytest.mark.parametrize("model_type", GENERATIONS)
+def test_split_then_merge_is_exact_and_loads(model_type, tiny_dir, tmp_path):
+    shards = split_into_shards(tiny_dir(model_type), tmp_path / "tp")
+    merged = merge_tp_shards(shards, tmp_path / "merged")
+    original = paddle.load(str(tiny_dir(model_type) / "model_state.pdparams"), return_numpy=True)
+    result = paddle.load(str(merged / "model_state.pdparams"), return_numpy=True)
+    assert set(original) == set(result)
+    for name in original:
+        np.testing.assert_array_equal(original[name], result[name], err_msg=name)
+    tok = load_tokenizer(str(merged), model_type)
+    np.testing.assert_array_equal(batch_logits(load_model(str(merged), model_type), tok, model_type),
+                                  batch_logits(load_model(str(tiny_dir(model_type)), model_type), tok, model_type))
+
+
+@pytest.mark.slow
+def test_tp_trained_checkpoint_merges_under_the_launcher(tiny_dir, demo_data, tmp_path):
+    common = dict(max_steps=2, save_steps=100, learning_rate=1e-3)
+    single, tp = tmp_path / "single", tmp_path / "tp"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, single, **common))
+    launch = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2"]
+    subprocess.run([*launch, "--log_dir", str(tmp_path / "log1"), str(ROOT / "finetune_generation.py"),
+                    *finetune_argv(tiny_dir("chatglm2"), demo_data, tp, tensor_parallel_degree=2, **common)],
+                   check=True, capture_output=True, timeout=600)
+    merged = tmp_path / "merged"
+    proc = subprocess.run([*launch, "--log_dir", str(tmp_path / "log2"), str(ROOT / "predict_generation.py"),
+                           *predict_argv(tp, merge_tensor_parallel_path=merged, output_file=tmp_path / "tp.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (tmp_path / "log2" / "workerlog.0").read_text()[-3000:]
+    tok = load_tokenizer(str(merged), "chatglm2")
+    np.testing.assert_allclose(batch_logits(load_model(str(merged), "chatglm2"), tok, "chatglm2"),
+                               batch_logits(load_model(str(single), "chatglm2"), tok, "chatglm2"), atol=1e-5)
+    # Generation across the two ranks equals single-process generation on the merged weights.
+    predict_generation.main(predict_argv(merged, output_file=tmp_path / "merged.json"))
+    assert (tmp_path / "tp.json").read_text() == (tmp_path / "merged.json").read_text()
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra", "shape", "degree"])
+def test_merge_refuses_bad_shards_and_leaves_output_untouched(damage, tiny_dir, tmp_path):
+    shards = split_into_shards(tiny_dir("chatglm2"), tmp_path / "tp")
+    if damage == "missing":
+        (shards / "model_state.tp01.pdparams").unlink()
+        expected = r"missing \['tp01'\]"
+    elif damage == "extra":
+        shutil.copy(shards / "model_state.tp01.pdparams", shards / "model_state.tp02.pdparams")
+        expected = r"unexpected \['tp02'\]"
+    elif damage == "shape":
+        state = paddle.load(str(shards / "model_state.tp01.pdparams"), return_numpy=True)
+        name = "chatglm_v2.encoder.layers.0.mlp.dense_4h_to_h.weight"
+        state[name] = state[name][:-1]
+        paddle.save(state, str(shards / "model_state.tp01.pdparams"))
+        expected = "dense_4h_to_h.weight: merged"
+    else:
+        cfg = json.loads((shards / "config.json").read_text())
+        cfg["tensor_parallel_degree"] = 4
+        (shards / "config.json").write_text(json.dumps(cfg))
+        expected = r"tensor_parallel_degree=4.*missing \['tp02', 'tp03'\]"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises((ShardMergeError, ValueError), match=expected):
+        merge_tp_shards(shards, out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+
+
+def test_cli_merge_refusal_message(tiny_dir, tmp_path):
+    shards = split_into_shards(tiny_dir("chatglm3"), tmp_path / "tp")
+    (shards / "model_state.tp00.pdparams").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_tp_shards.py"), str(shards),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "missing ['tp00']" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_checkpoint_without_launcher_is_refused(tiny_dir, tmp_path):
+    shards = split_into_shards(tiny_dir("chatglm2"), tmp_path / "tp")
+    with pytest.raises(ValueError, match="split into 2 tensor-parallel shards.*merge_tp_shards.py"):
+        predict_generation.main(predict_argv(shards))
