@@ -61,6 +61,11 @@ class GLMTrainer(Trainer):
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
         return output
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # ChatGLM-6B's forward returns a tuple holding a None cache unless asked for a dict, and PaddleNLP's
+        # prediction_step cannot detach None; a model output drops None fields.
+        return super().prediction_step(model, {**inputs, "return_dict": True}, prediction_loss_only, ignore_keys)
+
     def _get_train_sampler(self):
         if self.train_dataset is None:
             return None

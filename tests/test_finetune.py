@@ -75,10 +75,12 @@ def test_full_finetune_halves_the_loss_and_writes_artifacts(tiny_dir, demo_data,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["chatglm", "chatglm3"])
-def test_other_generations_train(model_type, tiny_dir, demo_data, tmp_path):
-    finetune_generation.main(finetune_argv(tiny_dir(model_type), demo_data, tmp_path, max_steps=20))
+def test_other_generations_train_and_evaluate(model_type, tiny_dir, demo_data, tmp_path):
+    _, metrics = finetune_generation.main(finetune_argv(tiny_dir(model_type), demo_data, tmp_path, max_steps=20,
+                                                        do_eval=True, do_generation=True, max_eval_samples=8))
     curve = losses(tmp_path)
     assert np.mean([curve[s] for s in range(16, 21)]) < 0.75 * curve[1]
+    assert {"eval_loss", "eval_accuracy", "eval_rouge-1", "eval_bleu-4"} <= set(metrics)
 
 
 @pytest.mark.slow
