@@ -7,6 +7,8 @@ Steps, each through the project's own command-line scripts exactly as a user run
   2. tools/make_tiny_model.py     a randomly initialised ChatGLM of the real architecture + its tokenizer
   3. finetune_generation.py       dev ROUGE/BLEU of the untrained model (evaluation only)
   4. finetune_generation.py       fine-tuning with evaluation + generation, loss curve, metrics.json
+  5. export_generation_model.py   the tuned model as a static step graph with a KV cache
+  6. infer_generation.py          answers from the exported model on Paddle Inference's C++ engine
 Prints the dev metrics before and after training and where the artefacts were written.
 """
 import argparse
@@ -61,13 +63,19 @@ def main(argv=None) -> None:
         "--evaluation_strategy", "steps", "--eval_steps", args.max_steps // 2, "--save_steps", args.max_steps // 2,
         "--save_total_limit", "2"])
 
+    infer_dir = work / "infer" / args.model_type
+    run("5. export", ["export_generation_model.py", "--model_name_or_path", out_dir, "--output_path",
+                      infer_dir / "chatglm", "--src_length", "64", "--tgt_length", "48"])
+    run("6. infer on the C++ engine", ["infer_generation.py", "--model_path", infer_dir, "--model_prefix", "chatglm"])
+
     before, after = eval_metrics(before_dir), eval_metrics(out_dir)
     print(f"\n=== dev set ({args.model_type}, {args.max_steps} steps, {time.time() - started:.0f}s in all)")
     print(f"{'metric':<10}{'before':>10}{'after':>10}")
     for key in METRICS:
         print(f"{key:<10}{before[key]:>10.2f}{after[key]:>10.2f}")
     print(f"\nloss curve:   {out_dir / 'loss_curve.png'}\nmetrics:      {out_dir / 'metrics.json'}"
-          f"\nVisualDL:     visualdl --logdir {out_dir / 'runs'}\nfine-tuned:   {out_dir}")
+          f"\nVisualDL:     visualdl --logdir {out_dir / 'runs'}\nfine-tuned:   {out_dir}"
+          f"\nexported:     {infer_dir} (python infer_generation.py --model_path {infer_dir} --interactive True)")
 
 
 if __name__ == "__main__":
