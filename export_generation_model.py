@@ -18,7 +18,8 @@ from paddlenlp.trainer import PdArgumentParser
 
 from argument import DataArgument, ModelArgument
 from glm_family import NotAChatGLMCheckpoint
-from model_loading import ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer, resolve_generation
+from model_loading import (ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer, resolve_checkpoint,
+                           resolve_generation)
 from step_model import GenerationStep, cache_shape, input_specs
 from utils import atomic_write_json, quiet_library_logs
 
@@ -35,6 +36,7 @@ class ExportArgument:
 
 def load_for_export(model_args, dtype: str):
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
     model = load_model(model_args.model_name_or_path, generation, dtype=dtype, use_cache=True)
     if model_args.lora_path:
         model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path)

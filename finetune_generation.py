@@ -22,7 +22,8 @@ from glm_family import NotAChatGLMCheckpoint
 from glm_trainer import (GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback, accuracy_metrics,
                          argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
 from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, check_tensor_parallel,
-                           load_config, load_model, load_tokenizer, resolve_generation)
+                           load_config, load_model, load_tokenizer, resolve_checkpoint,
+                           resolve_generation)
 from utils import quiet_library_logs
 
 logger = logging.getLogger("finetune_generation")
@@ -41,6 +42,7 @@ def validate(model_args, data_args, training_args) -> str:
     if model_args.lora and model_args.prefix_tuning:
         raise ConfigurationError("choose one of --lora True and --prefix_tuning True, not both")
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
     if training_args.do_train:
         task_file(data_args.task_name_or_path, "train")
     if training_args.do_eval:

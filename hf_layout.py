@@ -65,6 +65,8 @@ def hf_config_from_paddle(config, model_type: str, dtype: str = "float32") -> di
             tie_word_embeddings=False,
             use_cache=True,
         )
+        if getattr(config, "rope_ratio", None) is not None:
+            out["rope_ratio"] = config.rope_ratio
     return {**common, **out}
 
 
@@ -82,7 +84,7 @@ def parse_size(size) -> int:
 def write_safetensors_shards(tensors: dict, output_dir: Path, max_shard_size=None, metadata=None) -> list:
     """Write `tensors` (name -> numpy array) as one model.safetensors or as numbered shards plus the index
     file Hugging Face reads. Returns the file names written."""
-    from safetensors.numpy import save_file
+    from safetensors_io import write_safetensors as save_file
 
     limit = parse_size(max_shard_size) if max_shard_size else None
     shards, current, current_size = [], {}, 0
@@ -95,12 +97,12 @@ def write_safetensors_shards(tensors: dict, output_dir: Path, max_shard_size=Non
     shards.append(current)
     metadata = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
-        save_file(shards[0], str(output_dir / "model.safetensors"), metadata=metadata)
+        save_file(str(output_dir / "model.safetensors"), shards[0], metadata=metadata)
         return ["model.safetensors"]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(output_dir / file_name), metadata=metadata)
+        save_file(str(output_dir / file_name), shard, metadata=metadata)
         names.append(file_name)
         weight_map.update({k: file_name for k in shard})
     total = sum(a.nbytes for a in tensors.values())

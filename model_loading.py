@@ -17,6 +17,36 @@ class ConfigurationError(ValueError):
     """Flags that cannot work with this model; the message says which flag to change and to what."""
 
 
+def converted_cache_dir(hf_dir: Path) -> Path:
+    """Where an on-the-fly conversion of `hf_dir` lives: keyed by its path, file sizes and times, so a changed
+    input converts again. GLM_TUNE_CACHE overrides the root (default ~/.cache/glm-tune/converted)."""
+    import hashlib
+    import os
+
+    root = Path(os.environ.get("GLM_TUNE_CACHE", Path.home() / ".cache" / "glm-tune")) / "converted"
+    digest = hashlib.sha256(str(hf_dir.resolve()).encode())
+    for f in sorted(hf_dir.iterdir()):
+        if f.is_file():
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return root / f"{hf_dir.name}-{digest.hexdigest()[:12]}"
+
+
+def resolve_checkpoint(model_name_or_path: str, model_type: str = None) -> str:
+    """The folder to load: itself, or for a Hugging Face layout folder its Paddle conversion (made once, cached)."""
+    from checkpoint_convert import convert_hf_to_paddle, is_hf_checkpoint
+
+    if not model_name_or_path or not is_hf_checkpoint(model_name_or_path):
+        return model_name_or_path
+    target = converted_cache_dir(Path(model_name_or_path))
+    if not (target / "config.json").is_file():
+        logger.info("%s is a Hugging Face checkpoint: converting it to Paddle in %s", model_name_or_path, target)
+        convert_hf_to_paddle(model_name_or_path, target, model_type, replace=False)
+    else:
+        logger.info("%s is a Hugging Face checkpoint: using its Paddle conversion in %s", model_name_or_path, target)
+    return str(target)
+
+
 def resolve_generation(model_name_or_path: str, model_type: str = None) -> str:
     """The generation to use: --model_type if given, else read from the folder, else from a PaddleNLP name."""
     if model_type:
@@ -89,7 +119,24 @@ def load_model(model_name_or_path: str, generation: str, dtype: str = "float32",
     config = load_config(model_name_or_path, generation, tensor_parallel_degree=tensor_parallel_degree,
                          tensor_parallel_rank=tensor_parallel_rank, tensor_parallel_output=False,
                          **config_overrides)
-    return model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+    model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+    apply_rope_ratio(model)
+    return model
+
+
+def apply_rope_ratio(model) -> None:
+    """ChatGLM3-6B-32K stretches its rotary base (config rope_ratio 50: base 10000 * 50); PaddleNLP's
+    ChatGLMv2 always uses 10000, so a 32K checkpoint would run with the wrong positions. Swap in the
+    scaled rotary embedding when the config asks for it."""
+    ratio = getattr(model.config, "rope_ratio", None)
+    if not ratio or ratio == 1 or not hasattr(model, "chatglm_v2"):
+        return
+    from scaled_rotary import ScaledRotaryEmbedding
+
+    base = model.chatglm_v2
+    scaled = ScaledRotaryEmbedding(base.rotary_pos_emb.dim, 10000.0 * ratio)
+    scaled.inv_freq.set_value(base.rotary_pos_emb.inv_freq)  # a saved buffer (unused by forward): keep it as loaded
+    base.rotary_pos_emb = scaled
 
 
 def load_tokenizer(model_name_or_path: str, generation: str):

@@ -17,7 +17,7 @@ from argument import DataArgument, GenerateArgument, ModelArgument, PredictArgum
 from data import DataFormatError
 from glm_family import NotAChatGLMCheckpoint
 from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, load_config, load_model,
-                           load_tokenizer, resolve_generation)
+                           load_tokenizer, resolve_checkpoint, resolve_generation)
 from predictor import DygraphPredictor, load_prompts, write_predictions
 from tp_merge import ShardMergeError, merge_tp_shards
 from utils import quiet_library_logs
@@ -48,6 +48,7 @@ def init_tensor_parallel() -> tuple:
 
 def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, rank=0) -> DygraphPredictor:
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
     check_lengths(load_config(model_args.model_name_or_path, generation), data_args.src_length, data_args.tgt_length)
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,

@@ -123,6 +123,8 @@ def build_config(model_type: str, tokenizer, sizes: dict, max_sequence_length: i
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+        if sizes.get("rope_ratio"):
+            config.rope_ratio = sizes["rope_ratio"]  # ChatGLM3-6B-32K: rotary base 10000 * rope_ratio
     setattr(config, GENERATION_KEY, model_type)
     return config
 
@@ -160,6 +162,9 @@ def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_se
     config = build_config(model_type, tokenizer, sizes, max_sequence_length)
     paddle.seed(seed)
     model = model_class(config)
+    from model_loading import apply_rope_ratio
+
+    apply_rope_ratio(model)
     model.eval()
     random_init(model, seed)
     return model, tokenizer
@@ -211,6 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab_size", type=int, default=None,
                         help="model vocabulary rows (default: the tokenizer's, padded to 64 for v2/v3); e.g. 65024 "
                              "to match the real ChatGLM2 output layer in benchmarks")
+    parser.add_argument("--rope_ratio", type=float, default=None,
+                        help="v2/v3 only: rotary base multiplier, as ChatGLM3-6B-32K (50) sets it")
     parser.add_argument("--max_sequence_length", type=int, default=2048,
                         help="longest sequence the config allows (src_length + tgt_length must fit)")
     parser.add_argument("--max_shard_size", default=None,
@@ -218,6 +225,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sizes = {k: getattr(args, k) for k in DEFAULT_SIZES}
     sizes["vocab_size"] = args.vocab_size
+    sizes["rope_ratio"] = args.rope_ratio
     out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
                           args.max_sequence_length, args.max_shard_size)
     print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)

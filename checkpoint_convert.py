@@ -1,0 +1,360 @@
+"""Hugging Face (THUDM layout) <-> Paddle checkpoint conversion for the three ChatGLM generations.
+
+Streamed tensor by tensor: an input tensor is read (memory-mapped safetensors without torch, or a `.bin` shard
+through `torch.load(weights_only=True, mmap=True)`, which never executes pickled code), renamed, transposed if it
+is a Linear weight, cast, and added to the output shard being filled; a full shard is written and dropped. Peak
+memory stays near one output shard plus one tensor, not the whole model. Names and shapes are validated against
+the model the config describes before anything is written, every missing or unexpected tensor is named, and the
+output folder is staged and renamed into place, so a failed conversion never leaves a partial folder.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from glm_family import GENERATION_KEY, detect_generation, get_generation
+from hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
+                       paddle_to_hf_name, parse_size, write_safetensors_shards)
+
+logger = logging.getLogger(__name__)
+
+PADDLE_WEIGHTS = "model_state.pdparams"
+PADDLE_INDEX = "model_state.pdparams.index.json"
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted as asked; nothing was written."""
+
+
+# ------------------------------------------------------------------------------------------ HF side
+
+
+class HFWeights:
+    """Tensor names, shapes and values of a Hugging Face checkpoint folder, one tensor at a time."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.files = self._weight_files()
+        self.kind = "safetensors" if self.files[0].suffix == ".safetensors" else "bin"
+        self._where, self._shapes, self._open = {}, {}, {}
+        for path in self.files:
+            for name, shape in self._scan(path):
+                self._where[name], self._shapes[name] = path, shape
+
+    def _weight_files(self):
+        for index in (SAFETENSORS_INDEX, BIN_INDEX):
+            if (self.folder / index).is_file():
+                weight_map = json.loads((self.folder / index).read_text())["weight_map"]
+                files = sorted({self.folder / f for f in weight_map.values()})
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise ConversionError(f"{self.folder / index} lists shard files that are missing: {missing}")
+                return files
+        for single in ("model.safetensors", BIN_WEIGHTS):
+            if (self.folder / single).is_file():
+                return [self.folder / single]
+        raise ConversionError(f"{self.folder} has no Hugging Face weights (model.safetensors, "
+                              f"model-0000K-of-0000N.safetensors + {SAFETENSORS_INDEX}, or pytorch_model*.bin)")
+
+    def _scan(self, path):
+        if self.kind == "safetensors":
+            from safetensors_io import SafetensorsReader
+
+            reader = SafetensorsReader(path)
+            self._open[path] = reader
+            return [(n, reader.shape(n)) for n in reader.keys()]
+        state = self._load_bin(path)
+        return [(n, list(t.shape)) for n, t in state.items()]
+
+    def _load_bin(self, path):
+        if path not in self._open:
+            import torch
+
+            # weights_only refuses anything but tensors and plain containers: no pickled code runs.
+            self._open = {path: torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)}
+        return self._open[path]
+
+    def names(self):
+        return list(self._where)
+
+    def shape(self, name):
+        return self._shapes[name]
+
+    def get(self, name) -> np.ndarray:
+        path = self._where[name]
+        if self.kind == "safetensors":
+            return self._open[path].get(name)
+        import ml_dtypes
+        import torch
+
+        tensor = self._load_bin(path)[name]
+        if tensor.dtype == torch.bfloat16:
+            return tensor.float().numpy().astype(ml_dtypes.bfloat16)
+        return tensor.numpy().copy()
+
+    def describe(self) -> str:
+        how = ("safetensors, memory-mapped, without torch" if self.kind == "safetensors"
+               else "pytorch .bin through torch.load(weights_only=True, mmap=True)")
+        return f"{len(self.files)} file(s) of {how}"
+
+
+def paddle_config_from_hf(hf: dict, model_type: str) -> dict:
+    """PaddleNLP config.json for THUDM's Hugging Face config.json."""
+    generation = get_generation(model_type)
+    if model_type == "chatglm":
+        keys = ["vocab_size", "hidden_size", "num_attention_heads", "inner_hidden_size", "max_sequence_length",
+                "layernorm_epsilon", "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id",
+                "gmask_token_id", "position_encoding_2d", "pre_seq_len", "prefix_projection", "quantization_bit"]
+        out = {k: hf[k] for k in keys if k in hf}
+        out.update(num_hidden_layers=hf["num_layers"], architectures=["ChatGLMForCausalLM"])
+    else:
+        keys = ["add_bias_linear", "add_qkv_bias", "apply_query_key_layer_scaling", "attention_dropout",
+                "apply_residual_connection_post_layernorm", "attention_softmax_in_fp32", "bias_dropout_fusion",
+                "ffn_hidden_size", "fp32_residual_connection", "hidden_dropout", "hidden_size", "kv_channels",
+                "layernorm_epsilon", "num_attention_heads", "post_layer_norm", "rmsnorm", "eos_token_id",
+                "pad_token_id", "rope_ratio"]
+        out = {k: hf[k] for k in keys if k in hf}
+        groups = hf.get("multi_query_group_num", hf["num_attention_heads"])
+        out.update(num_hidden_layers=hf["num_layers"], vocab_size=hf["padded_vocab_size"],
+                   max_sequence_length=hf["seq_length"], architectures=["ChatGLMv2ForCausalLM"],
+                   multi_query_group_num=groups if hf.get("multi_query_attention", True) else hf["num_attention_heads"])
+    out.update(model_type=generation.paddle_model_type, dtype=hf.get("torch_dtype", "float32"),
+               **{GENERATION_KEY: model_type})
+    return out
+
+
+def hf_to_paddle_name(name: str, paddle_model_type: str) -> str:
+    if name == "lm_head.weight":
+        return "lm_head.decoder_weight"
+    if not name.startswith("transformer."):
+        raise KeyError(name)
+    return _PADDLE_PREFIX[paddle_model_type] + name[len("transformer."):]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _paddle_config(config_dict: dict, model_type: str):
+    config_class, _, _ = get_generation(model_type).classes()
+    return config_class.from_dict(dict(config_dict))
+
+
+def expected_shapes(config, model_type: str) -> dict:
+    """Paddle parameter name -> shape for the model `config` describes, without allocating it."""
+    import paddle
+
+    _, model_class, _ = get_generation(model_type).classes()
+    with paddle.LazyGuard():
+        model = model_class(config)
+    return {name: list(p.shape) for name, p in model.state_dict().items()}
+
+
+def _cast(array: np.ndarray, dtype: str):
+    """numpy array -> paddle tensor of `dtype` (bfloat16 goes through float32, which is exact)."""
+    import paddle
+
+    if dtype == "bfloat16" or array.dtype.name == "bfloat16":
+        tensor = paddle.to_tensor(array.astype(np.float32))
+        return tensor.astype(dtype) if dtype != "float32" else tensor
+    return paddle.to_tensor(array.astype(dtype))
+
+
+def _to_numpy(tensor, dtype: str = None) -> np.ndarray:
+    import ml_dtypes
+
+    dtype = dtype or str(tensor.dtype).replace("paddle.", "")
+    if dtype == "bfloat16":
+        return tensor.astype("float32").numpy().astype(ml_dtypes.bfloat16)
+    return tensor.astype(dtype).numpy()
+
+
+def _stage(output_dir: Path) -> Path:
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    staging.chmod(0o755)
+    return staging
+
+
+def _publish(staging: Path, output_dir: Path, replace: bool = True) -> None:
+    if output_dir.exists():
+        if not replace:  # another process (a rank of the same launch) finished the same conversion first
+            return
+        shutil.rmtree(output_dir)
+    os.replace(staging, output_dir)
+
+
+def _check(mapped: dict, expected: dict, tied: set) -> None:
+    """mapped: paddle name -> (source name, shape after transpose)."""
+    missing = sorted(n for n in expected if n not in mapped and n not in tied)
+    unexpected = sorted(src for n, (src, _) in mapped.items() if n not in expected)
+    wrong = sorted(f"{src} {shape} (the config needs {expected[n]})" for n, (src, shape) in mapped.items()
+                   if n in expected and list(shape) != expected[n])
+    if missing or unexpected or wrong:
+        parts = [f"missing tensors {missing}"] * bool(missing) + [f"unexpected tensors {unexpected}"] * bool(
+            unexpected) + [f"wrong shapes: {wrong}"] * bool(wrong)
+        raise ConversionError("checkpoint does not match its config.json: " + "; ".join(parts))
+
+
+# ------------------------------------------------------------------------------------------ HF -> Paddle
+
+
+def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: str = None,
+                         max_shard_size="2GB", replace: bool = True) -> Path:
+    import paddle
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    model_type = model_type or detect_generation(input_dir)
+    generation = get_generation(model_type)
+    hf_config = json.loads((input_dir / "config.json").read_text(encoding="utf-8"))
+    config_dict = paddle_config_from_hf(hf_config, model_type)
+    dtype = dtype or config_dict["dtype"]
+    config_dict["dtype"] = dtype
+    weights = HFWeights(input_dir)
+    logger.info("reading %s from %s", weights.describe(), input_dir)
+
+    ptype = generation.paddle_model_type
+    mapped = {}
+    for name in weights.names():
+        try:
+            target = hf_to_paddle_name(name, ptype)
+        except KeyError:
+            target = name  # reported as unexpected below
+        shape = weights.shape(name)
+        mapped[target] = (name, shape[::-1] if needs_transpose(target, len(shape)) else shape)
+    tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
+    _check(mapped, expected_shapes(_paddle_config(config_dict, model_type), model_type), tied)
+
+    staging = _stage(output_dir)
+    try:
+        limit, shard, size, shards = parse_size(max_shard_size), {}, 0, []
+
+        def flush():
+            nonlocal shard, size
+            if shard:
+                path = staging / f"shard-{len(shards):05d}.tmp"
+                paddle.save(shard, str(path))
+                shards.append((path, list(shard)))
+                shard, size = {}, 0
+
+        for target, (name, _) in mapped.items():
+            if model_type == "chatglm" and target == "lm_head.decoder_weight":
+                continue  # tied to the word embeddings in PaddleNLP's ChatGLM; saved once
+            array = weights.get(name)
+            if needs_transpose(target, array.ndim):
+                array = np.ascontiguousarray(array.T)
+            if shard and size + array.nbytes > limit:
+                flush()
+            shard[target] = _cast(array, dtype)
+            size += array.nbytes
+        flush()
+        _name_paddle_shards(staging, shards)
+        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")
+        _copy_tokenizer_to_paddle(input_dir, staging, model_type)
+        _publish(staging, output_dir, replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def _name_paddle_shards(staging: Path, shards: list) -> None:
+    if len(shards) == 1:
+        os.replace(shards[0][0], staging / PADDLE_WEIGHTS)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(shards, start=1):
+        file_name = f"model_state-{i:05d}-of-{len(shards):05d}.pdparams"
+        os.replace(path, staging / file_name)
+        weight_map.update({n: file_name for n in names})
+    total = sum((staging / f).stat().st_size for f in set(weight_map.values()))
+    (staging / PADDLE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2), encoding="utf-8")
+
+
+def _copy_tokenizer_to_paddle(input_dir: Path, staging: Path, model_type: str) -> None:
+    generation = get_generation(model_type)
+    vocab = input_dir / generation.vocab_file
+    if not vocab.is_file():
+        raise ConversionError(f"{input_dir} has no {generation.vocab_file} (the SentencePiece model of the tokenizer)")
+    shutil.copy2(vocab, staging / generation.vocab_file)
+    hf_tok = {}
+    if (input_dir / "tokenizer_config.json").is_file():
+        hf_tok = json.loads((input_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tok = {"tokenizer_class": generation.tokenizer_class, "padding_side": "left"}
+    if model_type == "chatglm":
+        tok.update(num_image_tokens=hf_tok.get("num_image_tokens", 0), bos_token="<sop>", eos_token="<eop>",
+                   end_token="</s>", mask_token="[MASK]", gmask_token="[gMASK]", pad_token="<pad>", unk_token="<unk>")
+    elif "chat_template" in hf_tok:
+        tok["chat_template"] = hf_tok["chat_template"]
+    (staging / "tokenizer_config.json").write_text(json.dumps(tok, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ Paddle -> HF
+
+
+def _paddle_shard_files(input_dir: Path) -> list:
+    if (input_dir / PADDLE_INDEX).is_file():
+        weight_map = json.loads((input_dir / PADDLE_INDEX).read_text())["weight_map"]
+        return [input_dir / f for f in sorted(set(weight_map.values()))]
+    if (input_dir / PADDLE_WEIGHTS).is_file():
+        return [input_dir / PADDLE_WEIGHTS]
+    if list(input_dir.glob("model_state.tp*.pdparams")):
+        raise ConversionError(f"{input_dir} holds tensor-parallel shards; merge them first: "
+                              f"python tools/merge_tp_shards.py {input_dir} MERGED_DIR")
+    raise ConversionError(f"{input_dir} has no {PADDLE_WEIGHTS} or {PADDLE_INDEX}")
+
+
+def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: str = None,
+                         max_shard_size="2GB") -> Path:
+    import paddle
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    model_type = model_type or detect_generation(input_dir)
+    generation = get_generation(model_type)
+    config_class, _, _ = generation.classes()
+    config = config_class.from_pretrained(str(input_dir))
+    files = _paddle_shard_files(input_dir)
+    expected = expected_shapes(config, model_type)
+    tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
+    ptype = generation.paddle_model_type
+
+    staging = _stage(output_dir)
+    try:
+        tensors, seen = {}, {}
+        for path in files:
+            for name, tensor in paddle.load(str(path)).items():
+                out_dtype = dtype or str(tensor.dtype).replace("paddle.", "")
+                array = _to_numpy(tensor, out_dtype)
+                seen[name] = (name, list(array.shape))
+                if needs_transpose(name, array.ndim):
+                    array = np.ascontiguousarray(array.T)
+                tensors[paddle_to_hf_name(name, ptype)] = array
+        _check(seen, expected, tied)
+        if model_type == "chatglm" and "lm_head.weight" not in tensors:
+            # THUDM's ChatGLM-6B checkpoints carry lm_head.weight (equal to the tied embeddings).
+            tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"]
+        out_dtype = dtype or str(next(iter(tensors.values())).dtype)
+        write_safetensors_shards(tensors, staging, max_shard_size)
+        hf_config = hf_config_from_paddle(config, model_type, out_dtype)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (staging / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(model_type), indent=2,
+                                                                  ensure_ascii=False), encoding="utf-8")
+        shutil.copy2(input_dir / generation.vocab_file, staging / generation.vocab_file)
+        _publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def is_hf_checkpoint(folder) -> bool:
+    """A folder in THUDM's Hugging Face layout (HF weights, no Paddle weights)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / PADDLE_WEIGHTS).exists() or (folder / PADDLE_INDEX).exists():
+        return False
+    return any((folder / n).exists() for n in ("model.safetensors", SAFETENSORS_INDEX, BIN_WEIGHTS, BIN_INDEX))
+
+

@@ -1,0 +1,78 @@
+"""Read and write the safetensors format with numpy only (no torch), tensor by tensor.
+
+The format is an 8-byte little-endian header length, a JSON header of name -> dtype/shape/byte offsets, then the
+raw little-endian data. Reading memory-maps the file and hands out one tensor at a time, so converting a 6B
+checkpoint never holds more than the tensor at hand. bfloat16 has no numpy dtype; it is carried as
+`ml_dtypes.bfloat16`, bit for bit.
+"""
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+TAGS = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+class SafetensorsReader:
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header = header
+        self.data_start = 8 + length
+        self._file = open(self.path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
+
+    def keys(self):
+        return list(self.header)
+
+    def shape(self, name):
+        return list(self.header[name]["shape"])
+
+    def dtype(self, name) -> str:
+        return self.header[name]["dtype"]
+
+    def get(self, name) -> np.ndarray:
+        """A copy of one tensor (the map stays read-only and can be closed)."""
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        dtype = np.dtype(DTYPES[info["dtype"]])
+        array = np.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize,
+                              offset=self.data_start + start)
+        return array.reshape(info["shape"]).copy()
+
+    def close(self):
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_safetensors(path, tensors: dict, metadata: dict = None) -> None:
+    """Write name -> numpy array (any dtype in DTYPES, bfloat16 as ml_dtypes.bfloat16)."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        nbytes = array.nbytes
+        header[name] = {"dtype": TAGS[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())

@@ -1,0 +1,45 @@
+"""Convert ChatGLM checkpoints between THUDM's Hugging Face layout and this suite's Paddle layout.
+
+    python tools/convert_checkpoint.py --model_type chatglm2 --input_dir ./chatglm2-6b --output_dir ./checkpoints/chatglm2-6b
+    python tools/convert_checkpoint.py --input_dir ./checkpoints/chatglm2_sft --output_dir ./chatglm2-sft-hf --to hf
+    python tools/convert_checkpoint.py --input_dir HF_DIR --output_dir OUT --dtype bfloat16 --max_shard_size 5GB
+
+Reads safetensors without torch, `.bin` only through torch.load(weights_only=True), and logs which it did.
+Streams tensor by tensor (peak memory near one output shard), validates names and shapes against the config,
+names every missing or unexpected tensor, and never leaves a partial output folder.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint_convert import ConversionError, convert_hf_to_paddle, convert_paddle_to_hf  # noqa: E402
+from glm_family import NotAChatGLMCheckpoint  # noqa: E402
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_type", choices=["chatglm", "chatglm2", "chatglm3"], default=None,
+                        help="generation; read from the folder when omitted")
+    parser.add_argument("--input_dir", required=True, help="checkpoint folder to convert")
+    parser.add_argument("--output_dir", required=True, help="folder to write (replaced only on success)")
+    parser.add_argument("--to", choices=["paddle", "hf"], default="paddle",
+                        help="paddle: Hugging Face -> Paddle (default); hf: Paddle -> Hugging Face")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="output dtype (default: the input's)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest output file, e.g. 2GB or 500MB")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    convert = convert_hf_to_paddle if args.to == "paddle" else convert_paddle_to_hf
+    try:
+        out = convert(args.input_dir, args.output_dir, args.model_type, args.dtype, args.max_shard_size)
+    except (ConversionError, NotAChatGLMCheckpoint) as err:
+        sys.exit(f"error: {err}")
+    logging.info("wrote %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
