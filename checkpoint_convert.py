@@ -161,7 +161,7 @@ def _cast(array: np.ndarray, dtype: str):
     if dtype == "bfloat16" or array.dtype.name == "bfloat16":
         tensor = paddle.to_tensor(array.astype(np.float32))
         return tensor.astype(dtype) if dtype != "float32" else tensor
-    return paddle.to_tensor(array.astype(dtype))
+    return paddle.to_tensor(array.astype(dtype, copy=False))
 
 
 def _to_numpy(tensor, dtype: str = None) -> np.ndarray:
@@ -247,10 +247,12 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
             array = weights.get(name)
             if needs_transpose(target, array.ndim):
                 array = np.ascontiguousarray(array.T)
-            if shard and size + array.nbytes > limit:
+            nbytes = array.nbytes
+            if shard and size + nbytes > limit:
                 flush()
             shard[target] = _cast(array, dtype)
-            size += array.nbytes
+            del array  # the shard holds the Paddle copy; at most one tensor is held twice
+            size += nbytes
         flush()
         _name_paddle_shards(staging, shards)
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")

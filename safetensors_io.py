@@ -1,12 +1,13 @@
 """Read and write the safetensors format with numpy only (no torch), tensor by tensor.
 
 The format is an 8-byte little-endian header length, a JSON header of name -> dtype/shape/byte offsets, then the
-raw little-endian data. Reading memory-maps the file and hands out one tensor at a time, so converting a 6B
+raw little-endian data. Reading hands out one tensor at a time with positioned reads (no memory map: mapped pages
+stay resident once touched, so a map of every shard would grow to the whole model), so converting a 6B
 checkpoint never holds more than the tensor at hand. bfloat16 has no numpy dtype; it is carried as
 `ml_dtypes.bfloat16`, bit for bit.
 """
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -28,7 +29,6 @@ class SafetensorsReader:
         self.header = header
         self.data_start = 8 + length
         self._file = open(self.path, "rb")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
 
     def keys(self):
         return list(self.header)
@@ -40,17 +40,15 @@ class SafetensorsReader:
         return self.header[name]["dtype"]
 
     def get(self, name) -> np.ndarray:
-        """A copy of one tensor (the map stays read-only and can be closed)."""
         info = self.header[name]
         start, end = info["data_offsets"]
-        dtype = np.dtype(DTYPES[info["dtype"]])
-        array = np.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize,
-                              offset=self.data_start + start)
-        return array.reshape(info["shape"]).copy()
+        raw = bytearray(end - start)
+        view, done = memoryview(raw), 0
+        while done < len(raw):
+            done += os.preadv(self._file.fileno(), [view[done:]], self.data_start + start + done)
+        return np.frombuffer(raw, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def close(self):
-        if self._map is not None:
-            self._map.close()
         self._file.close()
 
     def __enter__(self):

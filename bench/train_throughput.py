@@ -10,7 +10,6 @@ and the LoRA/full ratios.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -18,6 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from memory import peak_rss_mb  # noqa: E402
 
 
 def measure(args) -> dict:
@@ -55,8 +57,8 @@ def measure(args) -> dict:
             elapsed += time.perf_counter() - started
             tokens += int((batch["attention_mask"] != 0).sum()) if batch["attention_mask"].ndim == 2 else \
                 int((batch["input_ids"] != tokenizer.pad_token_id).sum())
-    return {"mode": args.mode, "tokens_per_s": tokens / elapsed, "peak_rss_mb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024, "trainable_params": int(sum(p.size for p in params)),
+    return {"mode": args.mode, "tokens_per_s": tokens / elapsed, "peak_rss_mb": peak_rss_mb(),
+        "trainable_params": int(sum(p.size for p in params)),
         "total_params": int(sum(p.size for p in model.parameters()))}
 
 
