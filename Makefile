@@ -7,22 +7,38 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo assets lock clean
+QVENV := qlora/.venv
+QPY := $(QVENV)/bin/python
+QSTAMP := $(QVENV)/.installed
 
-venv: $(STAMP)
+.PHONY: venv test test-fast test-main test-qlora demo assets lock clean
+
+venv: $(STAMP) $(QSTAMP)
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
 	touch $(STAMP)
 
-# The whole suite, slow end-to-end tests included (what CI runs).
-test: $(STAMP)
+# The PyTorch QLoRA sibling has its own pinned environment (different torch-side stack).
+$(QSTAMP): qlora/requirements.txt qlora/constraints.txt
+	test -x $(QPY) || $(PYTHON) -m venv $(QVENV)
+	$(QPY) -m pip install --quiet --disable-pip-version-check -r qlora/requirements.txt -c qlora/constraints.txt
+	touch $(QSTAMP)
+
+# The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the QLoRA sibling.
+test: test-main test-qlora
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+test-qlora: $(STAMP) $(QSTAMP)
+	$(QPY) -m pytest -q $(PYTEST_ARGS) qlora/tests
+
 # Everything but the tests marked slow.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(QSTAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(QPY) -m pytest -q -m "not slow" $(PYTEST_ARGS) qlora/tests
 
 # Tiny models of all three generations (paddle layout) and the demo data, under $(BUILD)/.
 assets: $(STAMP)

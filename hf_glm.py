@@ -107,3 +107,37 @@ def build_glm_model(chatglm_tensors: dict, hf_chatglm_config: dict):
     if missing or unexpected:
         raise KeyError(f"GLM mapping incomplete: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB"):
+    """Write a THUDM ChatGLM2/3 Hugging Face folder as a transformers GLM folder (GlmForCausalLM weights and
+    config, the SentencePiece tokenizer for qlora/glm_tokenizer.py), staged and renamed into place."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from checkpoint_convert import HFWeights, _publish, _stage
+    from glm_family import GENERATION_KEY, detect_generation
+    from hf_layout import write_safetensors_shards
+
+    hf_chatglm_dir, output_dir = Path(hf_chatglm_dir), Path(output_dir)
+    generation = detect_generation(hf_chatglm_dir)
+    config = json.loads((hf_chatglm_dir / "config.json").read_text(encoding="utf-8"))
+    weights = HFWeights(hf_chatglm_dir)
+    tensors = {}
+    for name in weights.names():
+        tensors.update(glm_state_dict({name: weights.get(name)}, config))
+    glm_config = {**glm_config_dict(config), "model_type": "glm", "architectures": ["GlmForCausalLM"],
+                  "torch_dtype": config.get("torch_dtype", "float32"), GENERATION_KEY: generation}
+    staging = _stage(output_dir)
+    try:
+        write_safetensors_shards(tensors, staging, max_shard_size)
+        (staging / "config.json").write_text(json.dumps(glm_config, indent=2), encoding="utf-8")
+        shutil.copy2(hf_chatglm_dir / "tokenizer.model", staging / "tokenizer.model")
+        (staging / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "ChatGLMSPTokenizer", "padding_side": "left", GENERATION_KEY: generation},
+            indent=2), encoding="utf-8")
+        _publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

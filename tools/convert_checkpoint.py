@@ -25,16 +25,22 @@ def main(argv=None) -> Path:
                         help="generation; read from the folder when omitted")
     parser.add_argument("--input_dir", required=True, help="checkpoint folder to convert")
     parser.add_argument("--output_dir", required=True, help="folder to write (replaced only on success)")
-    parser.add_argument("--to", choices=["paddle", "hf"], default="paddle",
-                        help="paddle: Hugging Face -> Paddle (default); hf: Paddle -> Hugging Face")
+    parser.add_argument("--to", choices=["paddle", "hf", "glm"], default="paddle",
+                        help="paddle: Hugging Face -> Paddle (default); hf: Paddle -> Hugging Face; glm: THUDM "
+                             "ChatGLM2/3 Hugging Face -> transformers' GLM layout (for qlora/, no remote code)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="output dtype (default: the input's)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest output file, e.g. 2GB or 500MB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    convert = convert_hf_to_paddle if args.to == "paddle" else convert_paddle_to_hf
     try:
-        out = convert(args.input_dir, args.output_dir, args.model_type, args.dtype, args.max_shard_size)
+        if args.to == "glm":
+            from hf_glm import save_glm_checkpoint
+
+            out = save_glm_checkpoint(args.input_dir, args.output_dir, args.max_shard_size)
+        else:
+            convert = convert_hf_to_paddle if args.to == "paddle" else convert_paddle_to_hf
+            out = convert(args.input_dir, args.output_dir, args.model_type, args.dtype, args.max_shard_size)
     except (ConversionError, NotAChatGLMCheckpoint) as err:
         sys.exit(f"error: {err}")
     logging.info("wrote %s", out)

@@ -188,8 +188,17 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
     try:
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
-        else:
+        elif fmt == "hf":
             save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size=max_shard_size)
+        else:  # transformers' GLM layout, through the THUDM layout (the same path real checkpoints take)
+            from hf_glm import save_glm_checkpoint
+
+            save_hf_checkpoint(model, tokenizer, model_type, staging / "hf")
+            save_glm_checkpoint(staging / "hf", staging / "glm", max_shard_size=max_shard_size or "2GB")
+            for item in (staging / "glm").iterdir():
+                os.replace(item, staging / item.name)
+            shutil.rmtree(staging / "hf")
+            (staging / "glm").rmdir()
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
@@ -204,8 +213,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model_type", required=True, choices=["chatglm", "chatglm2", "chatglm3"],
                         help="which ChatGLM generation's architecture and tokenizer to build")
     parser.add_argument("--output_dir", required=True, help="folder to write (replaced if it exists)")
-    parser.add_argument("--format", default="paddle", choices=["paddle", "hf"],
-                        help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout")
+    parser.add_argument("--format", default="paddle", choices=["paddle", "hf", "glm"],
+                        help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout; glm: "
+                             "transformers' GlmForCausalLM layout for qlora/ (v2/v3 only)")
     parser.add_argument("--seed", type=int, default=42, help="seed of weights and tokenizer; same seed, same files")
     parser.add_argument("--hidden_size", type=int, default=DEFAULT_SIZES["hidden_size"], help="model width")
     parser.add_argument("--num_layers", type=int, default=DEFAULT_SIZES["num_layers"], help="transformer blocks")

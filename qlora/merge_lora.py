@@ -1,0 +1,52 @@
+"""Merge a trained LoRA adapter into its full-precision base and save a standalone model folder.
+
+    python qlora/merge_lora.py --lora_model output/checkpoint-final --output_dir models/chatglm3-merged
+    python qlora/merge_lora.py --lora_model ADAPTER --base_model BASE_DIR --output_dir OUT
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def merge(lora_model, output_dir, base_model=None) -> Path:
+    from peft import PeftModel
+
+    lora_model, output_dir = Path(lora_model), Path(output_dir)
+    base_model = base_model or json.loads((lora_model / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = common.load_model(base_model, bits=16)  # merging into quantized weights would lose the update
+    merged = PeftModel.from_pretrained(base, str(lora_model)).merge_and_unload()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        merged.save_pretrained(staging)
+        common.load_tokenizer(base_model).save_pretrained(staging)
+        if (Path(base_model) / "tokenizer_config.json").is_file():  # keeps the generation marker for the loaders
+            shutil.copy2(Path(base_model) / "tokenizer_config.json", staging / "tokenizer_config.json")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lora_model", required=True, help="adapter folder (finetune.py's checkpoint-final)")
+    parser.add_argument("--output_dir", required=True, help="folder for the merged model (replaced on success)")
+    parser.add_argument("--base_model", default=None, help="base model folder (default: the adapter's record)")
+    args = parser.parse_args(argv)
+    out = merge(args.lora_model, args.output_dir, args.base_model)
+    print(f"merged model saved to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
