@@ -97,3 +97,20 @@ def test_streamed_chunks_concatenate_to_the_greedy_answer(model_type, tiny_glm):
                                  pad_token_id=tokenizer.pad_token_id)
         greedy = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         assert len(chunks) > 1 and "".join(chunks).strip() == greedy
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tiny_glm, instruction_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(Path(finetune.__file__)), "--base_model",
+                           str(tiny_glm("chatglm2")), "--data_path", str(instruction_data), "--output_dir",
+                           str(tmp_path), "--bits", "4", "--max_steps", "3", "--per_device_train_batch_size", "2",
+                           "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True", "--ddp_backend",
+                           "gloo", "--save_strategy", "no"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved adapter and tokenizer") == 1  # the main process saves, once
+    assert (tmp_path / "checkpoint-final" / "adapter_model.safetensors").exists()
