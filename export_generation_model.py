@@ -7,7 +7,6 @@ Writes OUT/chatglm.json + OUT/chatglm.pdiparams (the step graph, see step_model.
 OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaults) into OUT's folder;
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from paddlenlp.trainer import PdArgumentParser
 
 from argument import DataArgument, ModelArgument
 from glm_family import NotAChatGLMCheckpoint
-from model_loading import (ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer, resolve_checkpoint,
+from model_loading import (ConfigurationError, apply_lora, load_model, load_tokenizer, resolve_checkpoint,
                            resolve_generation)
 from step_model import GenerationStep, cache_shape, input_specs
 from utils import atomic_write_json, quiet_library_logs

@@ -6,7 +6,6 @@ The Paddle and Hugging Face checkpoints hold the same tensors under other names:
 Fused query_key_value tensors keep their column order in both layouts, so no splitting is needed.
 """
 import json
-import os
 import re
 from pathlib import Path
 

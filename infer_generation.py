@@ -16,7 +16,7 @@ from argument import GenerateArgument, PredictArgument
 from data import DataFormatError, Example
 from glm_family import get_generation
 from inference_engine import EngineError, create_engine, read_description
-from predictor import StepEnginePredictor, load_prompts, write_predictions
+from predictor import StepEnginePredictor, load_prompts, report_predictions
 from step_model import StepFeeds
 from utils import quiet_library_logs
 
@@ -87,11 +87,7 @@ def main(argv=None):
         return None
     examples = load_prompts(predict_args.data_file)
     outputs = predictor.predict(examples)
-    for example, output in zip(examples, outputs):
-        print(f"### prompt: {example.src}\n### output: {output}\n", flush=True)
-    if predict_args.output_file:
-        write_predictions(predict_args.output_file, examples, outputs)
-        logger.info("wrote %d predictions to %s", len(outputs), predict_args.output_file)
+    report_predictions(examples, outputs, predict_args.output_file)
     return outputs
 
 

@@ -18,7 +18,7 @@ from data import DataFormatError
 from glm_family import NotAChatGLMCheckpoint
 from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, load_config, load_model,
                            load_tokenizer, resolve_checkpoint, resolve_generation)
-from predictor import DygraphPredictor, load_prompts, write_predictions
+from predictor import DygraphPredictor, load_prompts, report_predictions
 from tp_merge import ShardMergeError, merge_tp_shards
 from utils import quiet_library_logs
 
@@ -73,11 +73,7 @@ def main(argv=None):
     predictor = build_predictor(model_args, data_args, gen_args, predict_args, degree, rank)
     outputs = predictor.predict(examples)
     if rank == 0:
-        for example, output in zip(examples, outputs):
-            print(f"### prompt: {example.src}\n### output: {output}\n", flush=True)
-        if predict_args.output_file:
-            write_predictions(predict_args.output_file, examples, outputs)
-            logger.info("wrote %d predictions to %s", len(outputs), predict_args.output_file)
+        report_predictions(examples, outputs, predict_args.output_file)
         if predict_args.merge_tensor_parallel_path:
             merged = merge_tp_shards(model_args.model_name_or_path, predict_args.merge_tensor_parallel_path)
             logger.info("merged %d shards into %s", degree, merged)

@@ -109,6 +109,16 @@ class StepEnginePredictor(BasePredictor):
         return [cut_at_stop(row, self.stops) for row in tokens]
 
 
+def report_predictions(examples: List[Example], outputs: List[str], output_file=None) -> None:
+    """Print each prompt and answer; with `output_file`, also write them as JSON lines (predict and infer share
+    this, so their files compare line by line)."""
+    for example, output in zip(examples, outputs):
+        print(f"### prompt: {example.src}\n### output: {output}\n", flush=True)
+    if output_file:
+        write_predictions(output_file, examples, outputs)
+        logger.info("wrote %d predictions to %s", len(outputs), output_file)
+
+
 def write_predictions(path, examples: List[Example], outputs: List[str]) -> None:
     """JSON lines {"prompt", "output"} in input order, written atomically."""
     from utils import atomic_write_text

@@ -82,9 +82,8 @@ class _VocabParallelCrossEntropy(PyLayer):
 
     @staticmethod
     def forward(ctx, logits, label, group, ignore_index):
-        rank, nranks = group.rank, group.nranks
         vocab_shard = logits.shape[-1]
-        start = rank * vocab_shard
+        start = group.rank * vocab_shard
         logits32 = logits.astype("float32")
         row_max = logits32.max(axis=-1, keepdim=True)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)

@@ -227,3 +227,16 @@ def test_cli_prints_the_error_without_a_traceback(tiny_dir, demo_data, tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: --task_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_stand_ins_match_the_single_process_ops(tmp_path):
+    # Vocab-parallel cross-entropy (forward and backward, ignore_index) and last-axis all-gather, on 2 ranks.
+    out = tmp_path / "diff"
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                           str(tmp_path / "log"), str(ROOT / "tests" / "tp_ops_worker.py"), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (tmp_path / "log" / "workerlog.0").read_text()[-3000:]
+    for rank in (0, 1):
+        diffs = json.loads(Path(f"{out}.{rank}").read_text())
+        assert diffs["loss"] <= 1e-6 and diffs["grad"] <= 1e-6 and diffs["concat"] == 0.0, diffs

@@ -13,7 +13,6 @@ load THUDM's. `--format paddle` loads with `AutoModelForCausalLM/AutoTokenizer.f
 """
 import argparse
 import io
-import json
 import os
 import random
 import shutil
