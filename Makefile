@@ -7,13 +7,16 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 PYTEST_ARGS ?=
 
+AVENV := ascend/.venv
+APY := $(AVENV)/bin/python
+ASTAMP := $(AVENV)/.installed
 QVENV := qlora/.venv
 QPY := $(QVENV)/bin/python
 QSTAMP := $(QVENV)/.installed
 
-.PHONY: venv test test-fast test-main test-qlora demo assets lock clean
+.PHONY: venv test test-fast test-main test-qlora test-ascend demo assets lock clean
 
-venv: $(STAMP) $(QSTAMP)
+venv: $(STAMP) $(QSTAMP) $(ASTAMP)
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +29,14 @@ $(QSTAMP): qlora/requirements.txt qlora/constraints.txt
 	$(QPY) -m pip install --quiet --disable-pip-version-check -r qlora/requirements.txt -c qlora/constraints.txt
 	touch $(QSTAMP)
 
-# The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the QLoRA sibling.
-test: test-main test-qlora
+# The MindSpore sibling too (mindspore/mindformers pin numpy<2 and their own transformers).
+$(ASTAMP): ascend/requirements.txt ascend/constraints.txt
+	test -x $(APY) || $(PYTHON) -m venv $(AVENV)
+	$(APY) -m pip install --quiet --disable-pip-version-check -r ascend/requirements.txt -c ascend/constraints.txt
+	touch $(ASTAMP)
+
+# The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the siblings.
+test: test-main test-qlora test-ascend
 
 test-main: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
@@ -35,10 +44,14 @@ test-main: $(STAMP)
 test-qlora: $(STAMP) $(QSTAMP)
 	$(QPY) -m pytest -q $(PYTEST_ARGS) qlora/tests
 
+test-ascend: $(STAMP) $(ASTAMP)
+	$(APY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) ascend/tests
+
 # Everything but the tests marked slow.
-test-fast: $(STAMP) $(QSTAMP)
+test-fast: $(STAMP) $(QSTAMP) $(ASTAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 	$(QPY) -m pytest -q -m "not slow" $(PYTEST_ARGS) qlora/tests
+	$(APY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) ascend/tests
 
 # Tiny models of all three generations (paddle layout) and the demo data, under $(BUILD)/.
 assets: $(STAMP)

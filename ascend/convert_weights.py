@@ -1,0 +1,119 @@
+"""ChatGLM2/3 weights between THUDM's Hugging Face layout and a MindSpore checkpoint for MindFormers' ChatGLM2.
+
+    python ascend/convert_weights.py --to ms --input_dir ./chatglm2-6b --output_file ./glm2_6b.ckpt [--dtype float16]
+    python ascend/convert_weights.py --to hf --input_file ./glm2_6b.ckpt --config_dir ./chatglm2-6b --output_dir ./out
+    # Paddle <-> MindSpore goes through the Hugging Face layout (two stacks, two environments):
+    .venv/bin/python tools/convert_checkpoint.py --input_dir PADDLE_DIR --output_dir HF_DIR --to hf
+    ascend/.venv/bin/python ascend/convert_weights.py --to ms --input_dir HF_DIR --output_file model.ckpt
+
+MindFormers (qkv_concat / mlp_concat, its defaults) keeps THUDM's fused tensors and torch's [out, in] layout, so
+the mapping is a rename: `transformer.embedding.word_embeddings.weight` <-> `transformer.embedding.embedding_weight`.
+THUDM's `rotary_pos_emb.inv_freq` has no MindFormers parameter (it recomputes it); it is kept in the checkpoint
+under its own name, which MindFormers' loader reports as unused, so the way back is exact. Reading is tensor by tensor
+(numpy safetensors reader of the main suite); the output is written to a temporary file and renamed.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
+
+HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
+MS_EMBEDDING = "transformer.embedding.embedding_weight"
+
+
+def hf_to_ms_name(name: str) -> str:
+    return MS_EMBEDDING if name == HF_EMBEDDING else name
+
+
+def ms_to_hf_name(name: str) -> str:
+    return HF_EMBEDDING if name == MS_EMBEDDING else name
+
+
+def _ms_dtype(dtype: str):
+    import mindspore as ms
+
+    return {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}[dtype]
+
+
+def hf_to_ms(input_dir, output_file, dtype: str = "float32") -> Path:
+    """Write the ChatGLM2/3 tensors of an HF folder as a MindSpore checkpoint."""
+    import mindspore as ms
+
+    config = json.loads((Path(input_dir) / "config.json").read_text(encoding="utf-8"))
+    if "padded_vocab_size" not in config:
+        raise ConversionError(f"{input_dir} is not a ChatGLM2/3 checkpoint (MindFormers' GLM2 serves those)")
+    weights = HFWeights(input_dir)
+    params = []
+    for name in weights.names():
+        array = weights.get(name).astype(np.float32)
+        params.append({"name": hf_to_ms_name(name), "data": ms.Tensor(array, dtype=_ms_dtype(dtype))})
+    output_file = Path(output_file)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_file.with_name(output_file.name + ".tmp.ckpt")
+    ms.save_checkpoint(params, str(tmp))
+    os.replace(tmp, output_file)
+    return output_file
+
+
+def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None) -> Path:
+    """Write a MindSpore ChatGLM2 checkpoint in THUDM's HF layout, with config/tokenizer taken from `config_dir`."""
+    import shutil
+    import tempfile
+
+    import mindspore as ms
+
+    from hf_layout import write_safetensors_shards
+
+    config_dir, output_dir = Path(config_dir), Path(output_dir)
+    tensors = {}
+    for name, param in ms.load_checkpoint(str(input_file)).items():
+        if "paged_attention_mgr" in name or name.startswith(("adam_", "global_step", "learning_rate")):
+            continue  # runtime caches and optimizer state are not weights
+        tensors[ms_to_hf_name(name)] = param.asnumpy() if dtype is None else param.asnumpy().astype(dtype)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        write_safetensors_shards(tensors, staging)
+        for name in ("config.json", "tokenizer_config.json", "tokenizer.model"):
+            if (config_dir / name).is_file():
+                shutil.copy2(config_dir / name, staging / name)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--to", required=True, choices=["ms", "hf"], help="ms: HF -> MindSpore; hf: MindSpore -> HF")
+    parser.add_argument("--input_dir", help="--to ms: the HF ChatGLM2/3 folder")
+    parser.add_argument("--output_file", help="--to ms: the .ckpt to write")
+    parser.add_argument("--input_file", help="--to hf: the .ckpt to read")
+    parser.add_argument("--config_dir", help="--to hf: folder whose config.json / tokenizer to copy")
+    parser.add_argument("--output_dir", help="--to hf: folder to write")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="--to ms: parameter dtype in the checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.to == "ms":
+            out = hf_to_ms(args.input_dir, args.output_file, args.dtype)
+        else:
+            out = ms_to_hf(args.input_file, args.config_dir, args.output_dir)
+    except ConversionError as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
