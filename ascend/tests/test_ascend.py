@@ -61,7 +61,8 @@ def test_hf_mindspore_hf_round_trip_is_bit_identical(paddle_and_hf, tmp_path):
     assert json.loads((hf / "config.json").read_text()) == json.loads((back / "config.json").read_text())
 
 
-def mindformers_logits(ckpt, hf_config: dict, ids: np.ndarray) -> np.ndarray:
+def use_cpu_mindspore():
+    """PyNative on the CPU, with the CPU fixes MindFormers' ChatGLM2 needs there (ms_cpu_compat.py)."""
     import mindspore as ms
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -69,22 +70,18 @@ def mindformers_logits(ckpt, hf_config: dict, ids: np.ndarray) -> np.ndarray:
     import ms_cpu_compat
 
     assert ms_cpu_compat.install()
-    from mindformers.models.glm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 
-    config = ChatGLM2Config(
-        batch_size=ids.shape[0], num_layers=hf_config["num_layers"], padded_vocab_size=hf_config["padded_vocab_size"],
-        hidden_size=hf_config["hidden_size"], ffn_hidden_size=hf_config["ffn_hidden_size"],
-        kv_channels=hf_config["kv_channels"], num_attention_heads=hf_config["num_attention_heads"],
-        seq_length=ids.shape[1], multi_query_group_num=hf_config["multi_query_group_num"],
-        layernorm_epsilon=hf_config["layernorm_epsilon"], rope_ratio=hf_config.get("rope_ratio", 1),
-        param_init_type="float32", compute_dtype="float32", layernorm_compute_type="float32",
-        rotary_dtype="float32", use_past=False)
-    model = ChatGLM2ForConditionalGeneration(config)
-    not_loaded, unused = ms.load_param_into_net(model, ms.load_checkpoint(str(ckpt)))
-    assert [n for n in not_loaded if "paged_attention_mgr" not in n] == []
+
+def mindformers_logits(ckpt, hf_config: dict, ids: np.ndarray) -> np.ndarray:
+    import mindspore as ms
+
+    import glm2_cpu
+
+    use_cpu_mindspore()
+    model = glm2_cpu.build_model(hf_config, seq_length=ids.shape[1], batch_size=ids.shape[0], checkpoint=ckpt)
+    _, unused = ms.load_param_into_net(model, ms.load_checkpoint(str(ckpt)))
     assert unused == ["transformer.rotary_pos_emb.inv_freq"]
-    model.set_train(False)
-    return model(ms.Tensor(ids.astype(np.int32)))[0].asnumpy()
+    return glm2_cpu.logits(model, ids)
 
 
 @pytest.mark.slow
@@ -111,3 +108,45 @@ def test_glm32k_preprocess_golden(tmp_path):
                     "--prompt_config", str(tmp_path / "p.json"), "--output_file", str(out)], check=True)
     assert json.loads(out.read_text()) == {
         "content": "Transcript:\nMeeting text.\n\nQuery: What was decided?\nAnswer:", "summary": "They agreed."}
+
+
+PADDLE_GREEDY = """
+import json, sys
+from generation import generate_ids
+from model_loading import load_model, load_tokenizer
+model, tok = load_model(sys.argv[1], sys.argv[2]), load_tokenizer(sys.argv[1], sys.argv[2])
+prompts = json.loads(sys.argv[3])
+print(json.dumps(generate_ids(model, tok, sys.argv[2], prompts, int(sys.argv[4]))))
+"""
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_the_paddle_suite(paddle_and_hf, tmp_path):
+    import glm2_cpu
+
+    root = paddle_and_hf("chatglm2")
+    hf_config = json.loads((root / "hf" / "config.json").read_text())
+    prompts = [[1201, 1203, 300, 400, 500], [1201, 1203, 77, 88, 99, 111, 222, 333]]
+    out = main_venv("-c", PADDLE_GREEDY, root / "paddle", "chatglm2", json.dumps(prompts), 6)
+    expected = json.loads(out.stdout.strip().splitlines()[-1])
+    ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
+    use_cpu_mindspore()
+    got = [glm2_cpu.greedy_generate(hf_config, ckpt, p, 6, hf_config["eos_token_id"]) for p in prompts]
+    assert got == expected and sum(map(len, got)) > 4
+
+
+@pytest.mark.slow
+def test_training_steps_lower_the_loss_and_mindir_exports(paddle_and_hf, tmp_path):
+    import glm2_cpu
+
+    root = paddle_and_hf("chatglm2")
+    hf_config = json.loads((root / "hf" / "config.json").read_text())
+    ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
+    use_cpu_mindspore()
+    model = glm2_cpu.build_model(hf_config, seq_length=16, batch_size=2, checkpoint=ckpt)
+    ids = np.random.RandomState(0).randint(3, 1200, size=(2, 16))
+    losses = glm2_cpu.train_steps(model, ids, np.roll(ids, -1, axis=1), steps=5)
+    assert losses[-1] < 0.75 * losses[0]
+    mindir = Path(glm2_cpu.export_mindir(model, 2, 16, tmp_path / "glm2"))
+    assert mindir.stat().st_size > 100_000
+
