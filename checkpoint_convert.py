@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from glm_family import GENERATION_KEY, detect_generation, get_generation
 from hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
                        paddle_to_hf_name, parse_size, write_safetensors_shards)
+from utils import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -173,21 +173,6 @@ def _to_numpy(tensor, dtype: str = None) -> np.ndarray:
     return tensor.astype(dtype).numpy()
 
 
-def _stage(output_dir: Path) -> Path:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    staging.chmod(0o755)
-    return staging
-
-
-def _publish(staging: Path, output_dir: Path, replace: bool = True) -> None:
-    if output_dir.exists():
-        if not replace:  # another process (a rank of the same launch) finished the same conversion first
-            return
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
-
-
 def _check(mapped: dict, expected: dict, tied: set) -> None:
     """mapped: paddle name -> (source name, shape after transpose)."""
     missing = sorted(n for n in expected if n not in mapped and n not in tied)
@@ -229,8 +214,8 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
     tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
     _check(mapped, expected_shapes(_paddle_config(config_dict, model_type), model_type), tied)
 
-    staging = _stage(output_dir)
-    try:
+    # replace=False: under a launcher every rank converts into the same cache; the first one to finish wins.
+    with atomic_folder(output_dir, replace) as staging:
         limit, shard, size, shards = parse_size(max_shard_size), {}, 0, []
 
         def flush():
@@ -257,9 +242,6 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
         _name_paddle_shards(staging, shards)
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")
         _copy_tokenizer_to_paddle(input_dir, staging, model_type)
-        _publish(staging, output_dir, replace)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 
@@ -324,8 +306,7 @@ def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: s
     tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
     ptype = generation.paddle_model_type
 
-    staging = _stage(output_dir)
-    try:
+    with atomic_folder(output_dir) as staging:
         tensors, seen = {}, {}
         for path in files:
             for name, tensor in paddle.load(str(path)).items():
@@ -346,9 +327,6 @@ def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: s
         (staging / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(model_type), indent=2,
                                                                   ensure_ascii=False), encoding="utf-8")
         shutil.copy2(input_dir / generation.vocab_file, staging / generation.vocab_file)
-        _publish(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -116,9 +116,10 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB"):
     import shutil
     from pathlib import Path
 
-    from checkpoint_convert import HFWeights, _publish, _stage
+    from checkpoint_convert import HFWeights
     from glm_family import GENERATION_KEY, detect_generation
     from hf_layout import write_safetensors_shards
+    from utils import atomic_folder
 
     hf_chatglm_dir, output_dir = Path(hf_chatglm_dir), Path(output_dir)
     generation = detect_generation(hf_chatglm_dir)
@@ -129,15 +130,11 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB"):
         tensors.update(glm_state_dict({name: weights.get(name)}, config))
     glm_config = {**glm_config_dict(config), "model_type": "glm", "architectures": ["GlmForCausalLM"],
                   "torch_dtype": config.get("torch_dtype", "float32"), GENERATION_KEY: generation}
-    staging = _stage(output_dir)
-    try:
+    with atomic_folder(output_dir) as staging:
         write_safetensors_shards(tensors, staging, max_shard_size)
         (staging / "config.json").write_text(json.dumps(glm_config, indent=2), encoding="utf-8")
         shutil.copy2(hf_chatglm_dir / "tokenizer.model", staging / "tokenizer.model")
         (staging / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "ChatGLMSPTokenizer", "padding_side": "left", GENERATION_KEY: generation},
             indent=2), encoding="utf-8")
-        _publish(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

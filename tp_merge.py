@@ -7,15 +7,14 @@ renamed into place, so a refused or failed merge leaves the target as it was (Pa
 merged file silently misses tensors).
 """
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from glm_family import detect_generation, get_generation
+from utils import atomic_folder
 
 SHARD_PATTERN = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "ice_text.model",
@@ -92,9 +91,7 @@ def merge_tp_shards(checkpoint_dir, output_dir) -> Path:
     merged = merge_state_dicts(shards, config, generation)
     check_shapes(merged, expected_shapes(config, generation))
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         paddle.save(merged, str(staging / "model_state.pdparams"))
         config_dict = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
         config_dict.update(tensor_parallel_degree=1, tensor_parallel_rank=0)
@@ -102,10 +99,4 @@ def merge_tp_shards(checkpoint_dir, output_dir) -> Path:
         for name in TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():
                 shutil.copy2(checkpoint_dir / name, staging / name)
-        staging.chmod(0o755)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -2,7 +2,9 @@
 import json
 import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List
 
@@ -85,3 +87,23 @@ def quiet_library_logs() -> None:
 
     paddlenlp_logger.set_level("WARNING")
     logging.getLogger("jieba").setLevel(logging.WARNING)
+
+
+@contextmanager
+def atomic_folder(output_dir, replace: bool = True):
+    """Yield a private staging folder beside `output_dir`; when the block succeeds it becomes `output_dir`
+    (replacing an old one, or, with replace=False, dropped if another process made it first); when the block
+    raises, the staging folder is removed and `output_dir` is left as it was. Never a half-written folder."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    try:
+        yield staging
+        if output_dir.exists():
+            if not replace:
+                return
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -67,11 +67,11 @@ def hf_to_ms(input_dir, output_file, dtype: str = "float32") -> Path:
 def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None) -> Path:
     """Write a MindSpore ChatGLM2 checkpoint in THUDM's HF layout, with config/tokenizer taken from `config_dir`."""
     import shutil
-    import tempfile
 
     import mindspore as ms
 
     from hf_layout import write_safetensors_shards
+    from utils import atomic_folder
 
     config_dir, output_dir = Path(config_dir), Path(output_dir)
     tensors = {}
@@ -79,17 +79,11 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None) -> Path:
         if "paged_attention_mgr" in name or name.startswith(("adam_", "global_step", "learning_rate")):
             continue  # runtime caches and optimizer state are not weights
         tensors[ms_to_hf_name(name)] = param.asnumpy() if dtype is None else param.asnumpy().astype(dtype)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         write_safetensors_shards(tensors, staging)
         for name in ("config.json", "tokenizer_config.json", "tokenizer.model"):
             if (config_dir / name).is_file():
                 shutil.copy2(config_dir / name, staging / name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

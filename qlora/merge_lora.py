@@ -7,12 +7,12 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common  # noqa: E402  (puts the main suite on the path)
+from utils import atomic_folder  # noqa: E402
 
 
 def merge(lora_model, output_dir, base_model=None) -> Path:
@@ -22,18 +22,11 @@ def merge(lora_model, output_dir, base_model=None) -> Path:
     base_model = base_model or json.loads((lora_model / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = common.load_model(base_model, bits=16)  # merging into quantized weights would lose the update
     merged = PeftModel.from_pretrained(base, str(lora_model)).merge_and_unload()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         merged.save_pretrained(staging)
         common.load_tokenizer(base_model).save_pretrained(staging)
         if (Path(base_model) / "tokenizer_config.json").is_file():  # keeps the generation marker for the loaders
             shutil.copy2(Path(base_model) / "tokenizer_config.json", staging / "tokenizer_config.json")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from glm_family import GENERATION_KEY, get_generation  # noqa: E402
+from utils import atomic_folder  # noqa: E402
 from tools.make_demo_data import make_record  # noqa: E402
 
 CORPUS_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
@@ -181,10 +182,7 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
 
     output_dir = Path(output_dir)
     model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-    try:
+    with atomic_folder(output_dir) as staging:
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
         elif fmt == "hf":
@@ -198,11 +196,6 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
                 os.replace(item, staging / item.name)
             shutil.rmtree(staging / "hf")
             (staging / "glm").rmdir()
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(Path(tokenizer.vocab_file).parent, ignore_errors=True)
     return output_dir
 
