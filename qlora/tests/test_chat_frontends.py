@@ -16,18 +16,30 @@ import common
 QLORA = Path(__file__).resolve().parents[1]
 
 
-def read_until(fd, marker: str, timeout: float = 120) -> str:
-    seen, deadline = b"", time.time() + timeout
-    while marker.encode() not in seen:
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {seen.decode(errors='replace')[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], 1)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                break
-    return seen.decode(errors="replace")
+class Terminal:
+    """The program's side of a pseudo-terminal: everything it printed, and waits for text to appear in it."""
+
+    def __init__(self, fd):
+        self.fd, self.seen = fd, b""
+
+    def wait_for(self, text: str, since: int = 0, timeout: float = 120) -> int:
+        """Read until `text` appears after byte offset `since`; returns the offset just past it."""
+        target, deadline = text.encode(), time.time() + timeout
+        while target not in self.seen[since:]:
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for {text!r}; got {self.seen[since:].decode(errors='replace')!r}")
+            ready, _, _ = select.select([self.fd], [], [], 1)
+            if ready:
+                try:
+                    self.seen += os.read(self.fd, 4096)
+                except OSError:
+                    break
+        return self.seen.index(target, since) + len(target)
+
+    def send(self, line: str) -> int:
+        mark = len(self.seen)
+        os.write(self.fd, (line + "\n").encode())
+        return mark
 
 
 @pytest.mark.slow
@@ -41,23 +53,17 @@ def test_cli_demo_answers_and_keeps_history(tiny_glm):
 
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, str(QLORA / "cli_demo.py"), "--model_path", str(folder),
-                             "--max_new_tokens", "16"], stdin=slave, stdout=slave, stderr=slave,
-                            close_fds=True)
+                             "--max_new_tokens", "16"], stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
+    term = Terminal(master)
     try:
-        read_until(master, "用户: ")
-        os.write(master, "你好\n".encode())
-        out = read_until(master, "用户: ")
-        assert f"ChatGLM: {first}" in out.replace("\r", "")
-        os.write(master, "类型#裙*风格#复古\n".encode())
-        out = read_until(master, "用户: ")
-        assert f"ChatGLM: {second}" in out.replace("\r", "")
-        os.write(master, b"clear\n")
-        read_until(master, "(conversation cleared)")
-        os.write(master, "类型#裙*风格#复古\n".encode())
-        out = read_until(master, "用户: ")
-        assert f"ChatGLM: {alone}" in out.replace("\r", "")
-        os.write(master, b"exit\n")
+        # The terminal turns "\n" into "\r\n": an answer line ends with "\r\n", so a prefix cannot match.
+        term.wait_for("用户: ")
+        term.wait_for(f"ChatGLM: {first}\r\n", term.send("你好"))
+        term.wait_for(f"ChatGLM: {second}\r\n", term.send("类型#裙*风格#复古"))
+        term.wait_for("(conversation cleared)", term.send("clear"))
+        term.wait_for(f"ChatGLM: {alone}\r\n", term.send("类型#裙*风格#复古"))
+        term.send("exit")
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
