@@ -35,7 +35,8 @@ class Generation:
         return getattr(pt, self.config_class), getattr(pt, self.model_class), getattr(pt, self.tokenizer_class)
 
 
-_V2_LORA = (".*query_key_value.*", ".*dense.*", ".*dense_h_to_4h.*", ".*dense_4h_to_h.*")
+# The same linear layer names in every generation (PaddleNLP's ChatGLM LoRA recipes).
+_LORA_TARGETS = (".*query_key_value.*", ".*dense.*", ".*dense_h_to_4h.*", ".*dense_4h_to_h.*")
 
 GENERATIONS = {
     "chatglm": Generation(
@@ -45,15 +46,15 @@ GENERATIONS = {
         "ChatGLMForCausalLM",
         "ChatGLMTokenizer",
         "ice_text.model",
-        (".*query_key_value.*", ".*dense.*", ".*dense_h_to_4h.*", ".*dense_4h_to_h.*"),
+        _LORA_TARGETS,
     ),
     "chatglm2": Generation(
         "chatglm2", "chatglm_v2", "ChatGLMv2Config", "ChatGLMv2ForCausalLM", "ChatGLMv2Tokenizer",
-        "tokenizer.model", _V2_LORA,
+        "tokenizer.model", _LORA_TARGETS,
     ),
     "chatglm3": Generation(
         "chatglm3", "chatglm_v2", "ChatGLMv2Config", "ChatGLMv2ForCausalLM", "ChatGLMv2Tokenizer",
-        "tokenizer.model", _V2_LORA,
+        "tokenizer.model", _LORA_TARGETS,
     ),
 }
 

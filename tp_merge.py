@@ -36,15 +36,12 @@ def shard_files(checkpoint_dir: Path, degree: int) -> list:
     return [found[r] for r in range(degree)]
 
 
-def expected_shapes(config, generation: str) -> dict:
-    """Parameter shapes of the single-process model, without allocating its weights."""
-    import paddle
+def single_process_shapes(config, generation: str) -> dict:
+    """Parameter shapes of the single-process model the shards came from, without allocating its weights."""
+    from checkpoint_convert import expected_shapes
 
-    _, model_class, _ = get_generation(generation).classes()
     single = config.__class__.from_dict({**config.to_dict(), "tensor_parallel_degree": 1, "tensor_parallel_rank": 0})
-    with paddle.LazyGuard():
-        model = model_class(single)
-    return {name: list(p.shape) for name, p in model.state_dict().items()}
+    return expected_shapes(single, generation)
 
 
 def merge_state_dicts(shards: list, config, generation: str) -> dict:
@@ -89,7 +86,7 @@ def merge_tp_shards(checkpoint_dir, output_dir) -> Path:
         raise ShardMergeError(f"{checkpoint_dir}/config.json has tensor_parallel_degree={degree}: nothing to merge")
     shards = [paddle.load(str(p), return_numpy=True) for p in shard_files(checkpoint_dir, degree)]
     merged = merge_state_dicts(shards, config, generation)
-    check_shapes(merged, expected_shapes(config, generation))
+    check_shapes(merged, single_process_shapes(config, generation))
 
     with atomic_folder(output_dir) as staging:
         paddle.save(merged, str(staging / "model_state.pdparams"))
