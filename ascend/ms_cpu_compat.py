@@ -9,6 +9,12 @@ forgets to create there.
 backend the product stays uint8 (-10000 wraps to 240), so future tokens get +240 instead of -10000 and every
 position but the last attends ahead (measured: logits off by ~1 except the last position). The mask is cast to
 float32 before that multiplication.
+3. MindFormers' training cell (MFTrainOneStepCell) checks gradients for overflow with the NPU float-status
+registers on every device that is not a GPU: "Unsupported op [NPUGetFloatStatusV2] on CPU", and MindSpore's
+fallback `FloatStatus` has no CPU kernel either. On the CPU the check is "is every gradient finite"
+(`ops.isfinite`), which is what the status registers report.
+4. MindFormers' `generate` takes the greedy token with `mint.argmax` ("The kernel ArgMaxExt unregistered" on CPU);
+the CPU has the classic `Argmax` kernel, which gives the same index.
 `install()` does nothing unless MindSpore's device is the CPU.
 """
 _installed = False
@@ -51,5 +57,23 @@ def install() -> bool:
         self.mul_mask = lambda mask, value: multiply(cast(mask, ms.float32), value)
 
     glm2_transformer.CoreAttention.__init__ = attention_init_with_float_mask
+
+    from mindspore import ops
+    import mindspore.nn.wrap.loss_scale as loss_scale
+
+    def overflow_if_not_finite(self, status, grads):
+        return ops.logical_not(ops.stack([ops.isfinite(grad).all() for grad in grads]).all())
+
+    loss_scale.TrainOneStepWithLossScaleCell.get_overflow_status = overflow_if_not_finite
+
+    import mindformers.generation.text_generator as text_generator
+
+    original_generation_init = text_generator.GenerationMixin.__init__
+
+    def generation_init_with_cpu_argmax(self, *args, **kwargs):
+        original_generation_init(self, *args, **kwargs)
+        self.argmax = lambda logits, dim: ops.Argmax(axis=dim, output_type=ms.int32)(logits)
+
+    text_generator.GenerationMixin.__init__ = generation_init_with_cpu_argmax
     _installed = True
     return True

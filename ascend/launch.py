@@ -1,0 +1,32 @@
+"""What the four launchers share: their flags, loading the recipe, and turning known failures into one-line errors."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ASCEND = Path(__file__).resolve().parent
+for folder in (ASCEND, ASCEND.parent):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from recipe import RecipeError, add_recipe_arguments, describe, load_recipe, overrides_from_args  # noqa: E402
+
+
+def parser_for(doc: str, default_config: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser, default_config)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, task: str, body, argv=None):
+    """Parse, load and check the recipe for `task`, print what will run, then `body(config, args)`."""
+    from checkpoint_convert import ConversionError
+    from data import DataFormatError
+
+    args = parser.parse_args(argv)
+    try:
+        config = load_recipe(args.config, overrides_from_args(args), task)
+        print(json.dumps({"task": task, "recipe": args.config, **describe(config)}, default=str), flush=True)
+        return body(config, args)
+    except (RecipeError, DataFormatError, ConversionError, FileNotFoundError, KeyError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,174 @@
+"""The four MindFormers tasks behind the launchers: fine-tune, generation eval, chat prediction, MindIR export.
+
+Each takes a recipe already loaded by `recipe.load_recipe` and runs MindFormers' own pieces (Trainer, datasets,
+ChatGLM2ForConditionalGeneration, generate); the suite adds its data checks, ADGEN metric, loss log and files.
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+ASCEND = Path(__file__).resolve().parent
+ROOT = ASCEND.parent
+for folder in (ASCEND, ROOT):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from utils import atomic_write_json, atomic_write_text  # noqa: E402
+
+
+def start(config) -> None:
+    """MindSpore's context from the recipe (device, mode, parallel), then the CPU fixes when on a CPU."""
+    from mindformers import build_context
+
+    import ms_cpu_compat
+
+    build_context(config)
+    ms_cpu_compat.install()
+
+
+def check_data(path) -> int:
+    """Read an AdvertiseGen-shaped file with the suite's reader first: a malformed line stops the run with
+    file:line (MindFormers' reader fails later with a bare JSON or key error)."""
+    from data import read_examples
+
+    examples = read_examples(path)
+    return len(examples)
+
+
+def output_dir(config) -> Path:
+    path = Path(config.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def loss_history_callback(path: Path):
+    """A MindSpore callback writing {"step", "loss"} per training step to `path` (JSON lines, appended)."""
+    from mindspore.train import Callback
+
+    class LossHistory(Callback):
+        def on_train_step_end(self, run_context):
+            params = run_context.original_args()
+            outputs = params.net_outputs
+            loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": int(params.cur_step_num), "loss": float(loss.asnumpy())}) + "\n")
+
+    return LossHistory()
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The checkpoint MindFormers' CheckpointMonitor wrote last for rank 0 (its meta.json names it)."""
+    folder = out / "checkpoint" / "rank_0"
+    meta = folder / "meta.json"
+    if meta.is_file():
+        return folder / json.loads(meta.read_text())["last_ckpt_file"]
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under {folder}")
+    return found[-1]
+
+
+def finetune(config) -> Dict[str, object]:
+    """MindFormers' Trainer.finetune on the recipe; returns the last checkpoint and the per-step losses."""
+    from mindformers import Trainer
+
+    start(config)
+    for section in (config.get("train_dataset"),):
+        check_data(section.data_loader.dataset_dir)
+    out = output_dir(config)
+    history_file = out / "log_history.jsonl"
+    history_file.unlink(missing_ok=True)
+    trainer = Trainer(args=config, callbacks=[loss_history_callback(history_file)])
+    trainer.finetune(finetune_checkpoint=config.load_checkpoint or False)
+    losses = [json.loads(line)["loss"] for line in history_file.read_text().splitlines()]
+    return {"checkpoint": latest_checkpoint(out), "losses": losses, "log_history": history_file}
+
+
+def evaluate(config) -> Dict[str, float]:
+    """MindFormers' generation eval (Trainer.evaluate) scored with the suite's ADGEN metric; writes
+    eval_predictions.jsonl and eval_metrics.json to the output folder."""
+    from mindformers import Trainer
+
+    from adgen_metric import SuiteADGENMetric
+
+    start(config)
+    check_data(config.eval_dataset.data_loader.dataset_dir)
+    metric = SuiteADGENMetric()
+    trainer = Trainer(args=config, compute_metrics={"adgen": metric})
+    trainer.evaluate(eval_checkpoint=config.load_checkpoint)
+    out = output_dir(config)
+    atomic_write_text(out / "eval_predictions.jsonl", "".join(
+        json.dumps({"prediction": p, "label": l}, ensure_ascii=False) + "\n"
+        for p, l in zip(metric.predictions, metric.labels)))
+    atomic_write_json(out / "eval_metrics.json", metric.result)
+    return metric.result
+
+
+def build_network(config):
+    """MindFormers' network for the recipe's model section, weights from config.load_checkpoint (all of them:
+    a missing parameter is an error, not a random initialisation)."""
+    import mindspore as ms
+    from mindformers.models.build_model import build_network as mindformers_build_network
+
+    network = mindformers_build_network(config.model, default_args={"parallel_config": config.parallel_config})
+    if not config.load_checkpoint:
+        raise ValueError("no checkpoint: pass --load_checkpoint or --model_dir")
+    missing, _ = ms.load_param_into_net(network, ms.load_checkpoint(str(config.load_checkpoint)))
+    missing = [name for name in missing if "paged_attention_mgr" not in name]
+    if missing:
+        raise KeyError(f"{config.load_checkpoint} lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+    network.set_train(False)
+    return network
+
+
+def prompt_ids(tokenizer, query: str, history=None) -> List[int]:
+    """THUDM's chat prompt for the tokenizer's generation (the same ids the Paddle suite's ChatGLM2/3 formats
+    give): ChatGLM3 role tokens, ChatGLM2 `[Round n]` text."""
+    if hasattr(tokenizer, "build_chat_input"):
+        return [int(i) for i in np.asarray(tokenizer.build_chat_input(query, history=history)["input_ids"])[0]]
+    return tokenizer.encode(tokenizer.build_prompt(query, history), add_special_tokens=True)
+
+
+def predict(config, queries: List[str], max_new_tokens: int = None) -> List[Dict[str, object]]:
+    """Greedy (or the recipe's sampling) answers to `queries` with MindFormers' generate, one at a time."""
+    from mindformers import build_tokenizer
+
+    start(config)
+    tokenizer = build_tokenizer(config.processor.tokenizer)
+    network = build_network(config)
+    model_config = config.model.model_config
+    results = []
+    for query in queries:
+        ids = prompt_ids(tokenizer, query)
+        max_length = model_config["max_decode_length"]
+        if max_new_tokens:
+            max_length = min(len(ids) + max_new_tokens, model_config["seq_length"])
+        if len(ids) >= max_length:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_length {max_length}")
+        output = network.generate([ids], max_length=max_length, do_sample=model_config.get("do_sample", False),
+                                  top_k=model_config.get("top_k", 1), top_p=model_config.get("top_p", 1.0))
+        new_ids = [int(i) for i in output[0][len(ids):]]
+        if new_ids and new_ids[-1] == model_config["eos_token_id"]:
+            new_ids = new_ids[:-1]
+        results.append({"query": query, "answer": tokenizer.decode(new_ids, skip_special_tokens=True),
+                        "token_ids": new_ids})
+    return results
+
+
+def export(config, file_stem: str = "glm2") -> Path:
+    """MindIR of one forward pass over [batch_size, seq_length] token ids (mindspore.export)."""
+    import mindspore as ms
+
+    from utils import atomic_folder
+
+    start(config)
+    network = build_network(config)
+    model_config = config.model.model_config
+    ids = ms.Tensor(np.ones((model_config["batch_size"], model_config["seq_length"]), np.int32))
+    target = output_dir(config) / "mindir"
+    with atomic_folder(target) as staging:
+        ms.export(network, ids, file_name=str(staging / file_stem), file_format="MINDIR")
+    return target / f"{file_stem}.mindir"
