@@ -64,8 +64,53 @@ def hf_to_ms(input_dir, output_file, dtype: str = "float32") -> Path:
     return output_file
 
 
-def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None) -> Path:
-    """Write a MindSpore ChatGLM2 checkpoint in THUDM's HF layout, with config/tokenizer taken from `config_dir`."""
+HF_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+
+
+def rotary_inv_freq(config_dir: Path) -> np.ndarray:
+    """THUDM's rotary buffer, which a MindFormers checkpoint written by training lacks (MindFormers recomputes it):
+    taken from the original folder's weights when they are there, else THUDM's formula (base 10000; rope_ratio
+    is applied at run time, not stored)."""
+    try:
+        weights = HFWeights(config_dir)
+        if HF_INV_FREQ in weights.names():
+            return weights.get(HF_INV_FREQ)
+    except ConversionError:
+        pass
+    config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    dim = config["kv_channels"] // 2
+    return (1.0 / (10000 ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+
+
+LORA_A, LORA_B = ".mindpet_delta_lora_a", ".mindpet_delta_lora_b"
+
+
+def find_adapter_config(checkpoint: Path):
+    """MindFormers writes adapter_config.json (lora_alpha, r) in the run's output folder, two levels above
+    checkpoint/rank_N/*.ckpt."""
+    for folder in list(checkpoint.resolve().parents)[:3]:
+        if (folder / "adapter_config.json").is_file():
+            return folder / "adapter_config.json"
+    return None
+
+
+def fold_lora(tensors: dict, scaling: float) -> int:
+    """W + scaling * B @ A for every LoRA pair (MindPet's delta: lora_b [out, r] @ lora_a [r, in]); the pairs are
+    removed. Returns how many weights were folded."""
+    folded = 0
+    for name in [n for n in tensors if n.endswith(LORA_A)]:
+        base = name[: -len(LORA_A)] + ".weight"
+        a, b = tensors.pop(name), tensors.pop(name[: -len(LORA_A)] + LORA_B)
+        weight = tensors[base]
+        tensors[base] = (weight.astype(np.float32) + scaling * (b.astype(np.float32) @ a.astype(np.float32))
+                         ).astype(weight.dtype)
+        folded += 1
+    return folded
+
+
+def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_config=None) -> Path:
+    """Write a MindSpore ChatGLM2 checkpoint (a fine-tune's output included: optimizer state and training counters
+    are dropped, LoRA deltas folded into their weights) in THUDM's HF layout, config/tokenizer from `config_dir`."""
     import shutil
 
     import mindspore as ms
@@ -73,12 +118,21 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None) -> Path:
     from hf_layout import write_safetensors_shards
     from utils import atomic_folder
 
-    config_dir, output_dir = Path(config_dir), Path(output_dir)
+    input_file, config_dir, output_dir = Path(input_file), Path(config_dir), Path(output_dir)
     tensors = {}
     for name, param in ms.load_checkpoint(str(input_file)).items():
-        if "paged_attention_mgr" in name or name.startswith(("adam_", "global_step", "learning_rate")):
-            continue  # runtime caches and optimizer state are not weights
-        tensors[ms_to_hf_name(name)] = param.asnumpy() if dtype is None else param.asnumpy().astype(dtype)
+        if not name.startswith("transformer.") or "paged_attention_mgr" in name:
+            continue  # optimizer moments (adam_m.*), loss scale, step counters, runtime caches
+        array = param.asnumpy()
+        tensors[ms_to_hf_name(name)] = array if dtype is None else array.astype(dtype)
+    tensors.setdefault(HF_INV_FREQ, rotary_inv_freq(config_dir))
+    if any(name.endswith(LORA_A) for name in tensors):
+        adapter_config = Path(adapter_config) if adapter_config else find_adapter_config(input_file)
+        if adapter_config is None:
+            raise ConversionError(f"{input_file} holds LoRA weights but no adapter_config.json was found near it: "
+                                  "pass --adapter_config (MindFormers writes it in the run's output_dir)")
+        lora = json.loads(adapter_config.read_text(encoding="utf-8"))
+        fold_lora(tensors, lora["lora_alpha"] / lora["r"])
     with atomic_folder(output_dir) as staging:
         write_safetensors_shards(tensors, staging)
         for name in ("config.json", "tokenizer_config.json", "tokenizer.model"):
@@ -95,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--input_file", help="--to hf: the .ckpt to read")
     parser.add_argument("--config_dir", help="--to hf: folder whose config.json / tokenizer to copy")
     parser.add_argument("--output_dir", help="--to hf: folder to write")
+    parser.add_argument("--adapter_config", help="--to hf: LoRA adapter_config.json (found next to the run if omitted)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="--to ms: parameter dtype in the checkpoint")
     args = parser.parse_args(argv)
@@ -102,7 +157,7 @@ def main(argv=None):
         if args.to == "ms":
             out = hf_to_ms(args.input_dir, args.output_file, args.dtype)
         else:
-            out = ms_to_hf(args.input_file, args.config_dir, args.output_dir)
+            out = ms_to_hf(args.input_file, args.config_dir, args.output_dir, adapter_config=args.adapter_config)
     except ConversionError as err:
         sys.exit(f"error: {err}")
     print(f"wrote {out}")

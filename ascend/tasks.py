@@ -113,11 +113,17 @@ def build_network(config):
     import mindspore as ms
     from mindformers.models.build_model import build_network as mindformers_build_network
 
-    network = mindformers_build_network(config.model, default_args={"parallel_config": config.parallel_config})
+    from mindformers.core.parallel_config import build_parallel_config
+
+    build_parallel_config(config)  # dict sections -> the config objects the model's layers read
+    network = mindformers_build_network(config.model, default_args={"parallel_config": config.parallel_config,
+                                                                     "moe_config": config.moe_config})
     if not config.load_checkpoint:
         raise ValueError("no checkpoint: pass --load_checkpoint or --model_dir")
     missing, _ = ms.load_param_into_net(network, ms.load_checkpoint(str(config.load_checkpoint)))
-    missing = [name for name in missing if "paged_attention_mgr" not in name]
+    # the paged KV cache is runtime state; LoRA deltas absent from a base checkpoint start as MindPet initialises
+    # them (B = 0: the base model's output)
+    missing = [name for name in missing if "paged_attention_mgr" not in name and "mindpet_delta" not in name]
     if missing:
         raise KeyError(f"{config.load_checkpoint} lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
     network.set_train(False)
@@ -134,7 +140,7 @@ def prompt_ids(tokenizer, query: str, history=None) -> List[int]:
 
 def predict(config, queries: List[str], max_new_tokens: int = None) -> List[Dict[str, object]]:
     """Greedy (or the recipe's sampling) answers to `queries` with MindFormers' generate, one at a time."""
-    from mindformers import build_tokenizer
+    from mindformers.models.build_tokenizer import build_tokenizer
 
     start(config)
     tokenizer = build_tokenizer(config.processor.tokenizer)
