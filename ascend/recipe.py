@@ -35,6 +35,7 @@ TYPE_SECTIONS = {
     "eval_dataset_task": "dataset", "eval_dataset_task.dataset_config.data_loader": "dataset_loader",
     "eval_dataset_task.dataset_config.tokenizer": "tokenizer",
 }
+RUN_MODE_TASKS = {"train": "finetune", "finetune": "finetune", "eval": "eval", "predict": "predict"}
 TOKENIZER_BY_GENERATION = {"chatglm2": "ChatGLM2Tokenizer", "chatglm3": "ChatGLM3Tokenizer"}
 
 
@@ -94,7 +95,7 @@ def load_recipe(path, overrides: RecipeOverrides = RecipeOverrides(), task: str 
     apply_overrides(config, overrides)
     if str(config.context.device_target).upper() == "CPU":
         adapt_to_cpu(config)
-    check_recipe(config, task)
+    check_recipe(config, task or RUN_MODE_TASKS.get(config.get("run_mode")))
     return config
 
 
@@ -239,11 +240,12 @@ def adapt_to_cpu(config) -> List[str]:
     if config.get("runner_config"):
         set_value(config.runner_config, "sink_mode", False, "data sinking needs a device queue")
     if config.get("recompute_config"):
-        # measured on MindSpore 2.9 CPU (PyNative): with recompute on, every parameter inside a recomputed layer
-        # gets a zero gradient, silently: LoRA never moved and a full fine-tune trained only embeddings and head
+        # measured on MindSpore 2.9 CPU (PyNative): with recompute on and the base weights frozen (LoRA), the LoRA
+        # parameters inside recomputed layers get zero gradients, silently: lora_b stayed 0 and the loss flat.
+        # (A full fine-tune's gradients were unaffected.) Recompute only trades memory, so the CPU does without.
         for key in ("recompute", "select_recompute"):
             if config.recompute_config.get(key):
-                set_value(config.recompute_config, key, False, "recompute zeroes layer gradients on the CPU")
+                set_value(config.recompute_config, key, False, "recompute zeroes LoRA gradients on the CPU")
     return changes
 
 

@@ -178,3 +178,23 @@ def export(config, file_stem: str = "glm2") -> Path:
     with atomic_folder(target) as staging:
         ms.export(network, ids, file_name=str(staging / file_stem), file_format="MINDIR")
     return target / f"{file_stem}.mindir"
+
+
+def logits(network, ids: np.ndarray) -> np.ndarray:
+    """[batch, seq, vocab] logits of a network built by `build_network` for int token ids [batch, seq]."""
+    import mindspore as ms
+
+    network.set_train(False)
+    return network(ms.Tensor(np.asarray(ids, dtype=np.int32)))[0].asnumpy()
+
+
+def network_for(recipe_path, model_dir, checkpoint, seq_length: int, batch_size: int = 1, output_dir=None):
+    """A network from a recipe for a given input shape on the CPU (parity checks, debugging)."""
+    from recipe import RecipeOverrides, load_recipe
+
+    config = load_recipe(recipe_path, RecipeOverrides(model_dir=str(model_dir), load_checkpoint=str(checkpoint),
+                                                       device_target="CPU", output_dir=output_dir), "predict")
+    config.model.model_config["seq_length"] = seq_length
+    config.model.model_config["batch_size"] = batch_size
+    start(config)
+    return build_network(config)
