@@ -85,7 +85,8 @@ def overrides_from_args(args) -> RecipeOverrides:
 
 def load_recipe(path, overrides: RecipeOverrides = RecipeOverrides(), task: str = None):
     """The recipe at `path` as a MindFormerConfig, with `overrides` applied, adapted to a CPU if that is the
-    device, and checked for `task` (finetune / eval / predict / export)."""
+    device, and checked for `task` (finetune / eval / predict / export / forward; default: the recipe's run_mode).
+    Checks that hold for every task always run."""
     from mindformers import MindFormerConfig
 
     path = Path(path)

@@ -193,7 +193,7 @@ def network_for(recipe_path, model_dir, checkpoint, seq_length: int, batch_size:
     from recipe import RecipeOverrides, load_recipe
 
     config = load_recipe(recipe_path, RecipeOverrides(model_dir=str(model_dir), load_checkpoint=str(checkpoint),
-                                                       device_target="CPU", output_dir=output_dir), "predict")
+                                                       device_target="CPU", output_dir=output_dir), "forward")
     config.model.model_config["seq_length"] = seq_length
     config.model.model_config["batch_size"] = batch_size
     start(config)

@@ -61,39 +61,40 @@ def test_hf_mindspore_hf_round_trip_is_bit_identical(paddle_and_hf, tmp_path):
     assert json.loads((hf / "config.json").read_text()) == json.loads((back / "config.json").read_text())
 
 
-def use_cpu_mindspore():
-    """PyNative on the CPU, with the CPU fixes MindFormers' ChatGLM2 needs there (ms_cpu_compat.py)."""
-    import mindspore as ms
-
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device("CPU")
-    import ms_cpu_compat
-
-    assert ms_cpu_compat.install()
+PREDICT_RECIPE = ASCEND / "configs" / "predict_glm2_6b.yaml"
+LORA_RECIPE = ASCEND / "configs" / "lora_glm2_6b.yaml"
 
 
-def mindformers_logits(ckpt, hf_config: dict, ids: np.ndarray) -> np.ndarray:
-    import mindspore as ms
+def recipe_for(model_type):
+    return ASCEND / "configs" / ("finetune_glm3_32k.yaml" if model_type == "chatglm3" else "predict_glm2_6b.yaml")
 
-    import glm2_cpu
 
-    use_cpu_mindspore()
-    model = glm2_cpu.build_model(hf_config, seq_length=ids.shape[1], batch_size=ids.shape[0], checkpoint=ckpt)
-    _, unused = ms.load_param_into_net(model, ms.load_checkpoint(str(ckpt)))
-    assert unused == ["transformer.rotary_pos_emb.inv_freq"]
-    return glm2_cpu.logits(model, ids)
+def mindformers_logits(recipe, model_dir, ckpt, ids: np.ndarray, tmp_path) -> np.ndarray:
+    """Logits of MindFormers' network built from a recipe (the launchers' path), on the CPU."""
+    import tasks
+
+    network = tasks.network_for(recipe, model_dir, ckpt, seq_length=ids.shape[1], batch_size=ids.shape[0],
+                                output_dir=str(tmp_path / "ms_out"))
+    return tasks.logits(network, ids)
+
+
+def paddle_logits(paddle_dir, model_type, ids, tmp_path) -> np.ndarray:
+    np.save(tmp_path / "ids.npy", ids)
+    main_venv("-c", PADDLE_LOGITS, paddle_dir, model_type, tmp_path / "ids.npy", tmp_path / "paddle.npy")
+    return np.load(tmp_path / "paddle.npy")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["chatglm2", "chatglm3"])
 def test_mindformers_logits_equal_the_paddle_suite(model_type, paddle_and_hf, tmp_path):
+    import mindspore as ms
+
     root = paddle_and_hf(model_type)
     ids = np.random.RandomState(0).randint(3, 1200, size=(1, 32)).astype(np.int64)
-    np.save(tmp_path / "ids.npy", ids)
-    main_venv("-c", PADDLE_LOGITS, root / "paddle", model_type, tmp_path / "ids.npy", tmp_path / "paddle.npy")
     ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
-    ours = mindformers_logits(ckpt, json.loads((root / "hf" / "config.json").read_text()), ids)
-    reference = np.load(tmp_path / "paddle.npy")
+    assert "transformer.rotary_pos_emb.inv_freq" in ms.load_checkpoint(str(ckpt))  # kept for the way back
+    ours = mindformers_logits(recipe_for(model_type), root / "hf", ckpt, ids, tmp_path)
+    reference = paddle_logits(root / "paddle", model_type, ids, tmp_path)
     assert ours.shape == reference.shape
     assert np.abs(ours - reference).max() <= 1e-4
 
@@ -110,43 +111,152 @@ def test_glm32k_preprocess_golden(tmp_path):
         "content": "Transcript:\nMeeting text.\n\nQuery: What was decided?\nAnswer:", "summary": "They agreed."}
 
 
-PADDLE_GREEDY = """
-import json, sys
-from generation import generate_ids
-from model_loading import load_model, load_tokenizer
-model, tok = load_model(sys.argv[1], sys.argv[2]), load_tokenizer(sys.argv[1], sys.argv[2])
-prompts = json.loads(sys.argv[3])
-print(json.dumps(generate_ids(model, tok, sys.argv[2], prompts, int(sys.argv[4]))))
-"""
+def launcher(script, *args, check=True):
+    """One of ascend/{finetune,evaluate,predict,export}.py as a user runs it (its own process and context)."""
+    result = subprocess.run([sys.executable, str(ASCEND / script), "--device_target", "CPU", *map(str, args)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    main_venv("tools/make_demo_data.py", "--output_dir", folder)
+    lines = (folder / "train.json").read_text(encoding="utf-8").splitlines()
+    (folder / "train48.json").write_text("\n".join(lines[:48]) + "\n", encoding="utf-8")
+    dev = (folder / "dev.json").read_text(encoding="utf-8").splitlines()
+    (folder / "dev2.json").write_text("\n".join(dev[:2]) + "\n", encoding="utf-8")
+    return folder
+
+
+TRAIN_FLAGS = ("--batch_size", 4, "--max_source_length", 48, "--max_target_length", 48)
+
+
+@pytest.fixture(scope="module")
+def finetuned(paddle_and_hf, demo_data, tmp_path_factory):
+    """12 steps of MindFormers' Trainer on 48 demo records, full (the GLM2 recipe) and LoRA (its LoRA recipe)."""
+    runs = {}
+
+    def get(kind):
+        if kind not in runs:
+            out = tmp_path_factory.mktemp(kind)
+            recipe = {"full": "finetune_glm2_6b.yaml", "lora": "lora_glm2_6b.yaml"}[kind]
+            lr = {"full": 1e-3, "lora": 1e-2}[kind]
+            launcher("finetune.py", "--config", ASCEND / "configs" / recipe, "--model_dir",
+                     paddle_and_hf("chatglm2") / "hf", "--train_data", demo_data / "train48.json", "--output_dir",
+                     out, "--learning_rate", lr, *TRAIN_FLAGS)
+            runs[kind] = out
+        return runs[kind]
+
+    return get
+
+
+def losses_of(out: Path):
+    return [json.loads(line)["loss"] for line in (out / "log_history.jsonl").read_text().splitlines()]
+
+
+def trained_checkpoint(out: Path) -> Path:
+    meta = json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text())
+    return out / "checkpoint" / "rank_0" / meta["last_ckpt_file"]
 
 
 @pytest.mark.slow
-def test_greedy_tokens_equal_the_paddle_suite(paddle_and_hf, tmp_path):
-    import glm2_cpu
+def test_full_finetune_lowers_the_loss_and_the_tuned_model_runs_in_paddle(finetuned, paddle_and_hf, tmp_path):
+    import mindspore as ms
 
-    root = paddle_and_hf("chatglm2")
-    hf_config = json.loads((root / "hf" / "config.json").read_text())
-    prompts = [[1201, 1203, 300, 400, 500], [1201, 1203, 77, 88, 99, 111, 222, 333]]
-    out = main_venv("-c", PADDLE_GREEDY, root / "paddle", "chatglm2", json.dumps(prompts), 6)
-    expected = json.loads(out.stdout.strip().splitlines()[-1])
-    ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
-    use_cpu_mindspore()
-    got = [glm2_cpu.greedy_generate(hf_config, ckpt, p, 6, hf_config["eos_token_id"]) for p in prompts]
-    assert got == expected and sum(map(len, got)) > 4
+    out = finetuned("full")
+    losses = losses_of(out)
+    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.85 * losses[0]
+    ckpt = trained_checkpoint(out)
+    start = ms.load_checkpoint(str(out / "converted" / "hf.ckpt"))
+    tuned = ms.load_checkpoint(str(ckpt))
+    name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+    assert np.abs(tuned[name].asnumpy() - start[name].asnumpy()).max() > 1e-4  # the layers trained, not just the head
+    # MindSpore -> HF -> Paddle: the Paddle suite computes the tuned model's logits
+    hf = convert_weights.ms_to_hf(ckpt, paddle_and_hf("chatglm2") / "hf", tmp_path / "hf")
+    main_venv("tools/convert_checkpoint.py", "--input_dir", hf, "--output_dir", tmp_path / "paddle", "--to", "paddle")
+    ids = np.random.RandomState(1).randint(3, 1200, size=(1, 24)).astype(np.int64)
+    ours = mindformers_logits(PREDICT_RECIPE, hf, ckpt, ids, tmp_path)
+    assert np.abs(ours - paddle_logits(tmp_path / "paddle", "chatglm2", ids, tmp_path)).max() <= 1e-4
 
 
 @pytest.mark.slow
-def test_training_steps_lower_the_loss_and_mindir_exports(paddle_and_hf, tmp_path):
-    import glm2_cpu
+def test_lora_finetune_trains_the_adapters_and_folds_into_weights_paddle_runs(finetuned, paddle_and_hf, tmp_path):
+    import mindspore as ms
 
+    out = finetuned("lora")
+    losses = losses_of(out)
+    assert np.mean(losses[-3:]) < 0.95 * losses[0]
+    ckpt = trained_checkpoint(out)
+    tuned = ms.load_checkpoint(str(ckpt))
+    lora_b = [v.asnumpy() for k, v in tuned.items() if k.endswith("lora_b") and not k.startswith("adam")]
+    assert lora_b and all(np.abs(b).max() > 0 for b in lora_b)  # B starts at 0: it moved
+    ids = np.random.RandomState(2).randint(3, 1200, size=(1, 24)).astype(np.int64)
+    hf_dir = paddle_and_hf("chatglm2") / "hf"
+    adapter = mindformers_logits(LORA_RECIPE, hf_dir, ckpt, ids, tmp_path)  # base + adapters, as trained
+    folded = convert_weights.ms_to_hf(ckpt, hf_dir, tmp_path / "hf")
+    assert not [n for n in HFWeights(folded).names() if "lora" in n]
+    main_venv("tools/convert_checkpoint.py", "--input_dir", folded, "--output_dir", tmp_path / "paddle", "--to",
+              "paddle")
+    reference = paddle_logits(tmp_path / "paddle", "chatglm2", ids, tmp_path)
+    base = paddle_logits(paddle_and_hf("chatglm2") / "paddle", "chatglm2", ids, tmp_path)
+    assert np.abs(adapter - reference).max() <= 1e-4
+    assert np.abs(adapter - base).max() > 1e-3  # the adapters changed the model
+
+
+@pytest.mark.slow
+def test_eval_scores_with_the_suite_metric(finetuned, paddle_and_hf, demo_data, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from utils import compute_metrics
+
+    launcher("evaluate.py", "--model_dir", paddle_and_hf("chatglm2") / "hf", "--load_checkpoint",
+             trained_checkpoint(finetuned("full")), "--eval_data", demo_data / "dev2.json", "--output_dir", tmp_path,
+             "--max_decode_length", 96)
+    pairs = [json.loads(line) for line in (tmp_path / "eval_predictions.jsonl").read_text().splitlines()]
+    dev = [json.loads(line) for line in (demo_data / "dev2.json").read_text().splitlines()]
+    assert [p["label"] for p in pairs] == [d["summary"] for d in dev]
+    scores = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert set(scores) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4"}
+    assert scores == compute_metrics([p["prediction"] for p in pairs], [p["label"] for p in pairs])
+
+
+@pytest.mark.slow
+def test_predict_answers_equal_the_paddle_suite_word_for_word(paddle_and_hf, demo_data, tmp_path):
     root = paddle_and_hf("chatglm2")
-    hf_config = json.loads((root / "hf" / "config.json").read_text())
-    ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
-    use_cpu_mindspore()
-    model = glm2_cpu.build_model(hf_config, seq_length=16, batch_size=2, checkpoint=ckpt)
-    ids = np.random.RandomState(0).randint(3, 1200, size=(2, 16))
-    losses = glm2_cpu.train_steps(model, ids, np.roll(ids, -1, axis=1), steps=5)
-    assert losses[-1] < 0.75 * losses[0]
-    mindir = Path(glm2_cpu.export_mindir(model, 2, 16, tmp_path / "glm2"))
-    assert mindir.stat().st_size > 100_000
+    launcher("predict.py", "--model_dir", root / "hf", "--input_file", demo_data / "dev2.json", "--output_file",
+             tmp_path / "ms.jsonl", "--output_dir", tmp_path / "out", "--max_new_tokens", 8)
+    main_venv("predict_generation.py", "--model_name_or_path", root / "paddle", "--data_file",
+              demo_data / "dev2.json", "--output_file", tmp_path / "paddle.json", "--tgt_length", 8,
+              "--src_length", 64, "--batch_size", 1)
+    ours = [json.loads(line)["answer"] for line in (tmp_path / "ms.jsonl").read_text().splitlines()]
+    paddle = [json.loads(line)["output"] for line in (tmp_path / "paddle.json").read_text().splitlines()]
+    assert ours == paddle and len(ours) == 2 and all(ours)
 
+
+@pytest.mark.slow
+def test_exported_mindir_computes_the_networks_logits(paddle_and_hf, tmp_path):
+    import mindspore as ms
+
+    hf = paddle_and_hf("chatglm2") / "hf"
+    ckpt = convert_weights.hf_to_ms(hf, tmp_path / "m.ckpt")
+    launcher("export.py", "--model_dir", hf, "--load_checkpoint", ckpt, "--output_dir", tmp_path / "export")
+    mindir = tmp_path / "export" / "mindir" / "glm2.mindir"
+    ids = np.random.RandomState(3).randint(3, 1200, size=(1, 512)).astype(np.int32)
+    expected = mindformers_logits(PREDICT_RECIPE, hf, ckpt, ids, tmp_path)
+    graph = ms.nn.GraphCell(ms.load(str(mindir)))
+    got = graph(ms.Tensor(ids))
+    got = (got[0] if isinstance(got, (tuple, list)) else got).asnumpy()
+    assert np.abs(got.reshape(expected.shape) - expected).max() <= 1e-4
+
+
+def test_a_malformed_record_stops_the_finetune_with_file_and_line(paddle_and_hf, tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text('{"content": "a", "summary": "b"}\n{"content": "c", "summary": \n', encoding="utf-8")
+    ckpt = convert_weights.hf_to_ms(paddle_and_hf("chatglm2") / "hf", tmp_path / "m.ckpt")
+    result = launcher("finetune.py", "--model_dir", paddle_and_hf("chatglm2") / "hf", "--load_checkpoint", ckpt,
+                      "--train_data", bad, "--output_dir", tmp_path / "out", *TRAIN_FLAGS, check=False)
+    assert result.returncode != 0
+    assert f"{bad}:2" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoint" / "rank_0").exists()

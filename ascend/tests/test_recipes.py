@@ -149,3 +149,37 @@ def test_the_suite_metric_scores_an_empty_answer_zero_where_mindformers_skips_it
     assert ours.eval() == {"rouge-1": 50.0, "rouge-2": 50.0, "rouge-l": 50.0, "bleu-4": 50.0}
     assert theirs.eval()["rouge-1"] == pytest.approx(100.0)
     assert ours.predictions == preds and ours.labels == labels
+
+
+def test_rank_tables_for_two_servers_number_ranks_across_the_cluster(tmp_path):
+    import rank_table
+
+    tables = []
+    for server, base in (("10.0.0.1", 1), ("10.0.0.2", 2)):
+        conf = tmp_path / f"hccn_{server}.conf"
+        conf.write_text("".join(f"address_{d}=192.{base}.{d}.6\nnetmask_{d}=255.255.255.0\n" for d in range(8)))
+        path = tmp_path / f"{server}.json"
+        rank_table.main(["generate", "--device_num", "[0,8)", "--hccn_conf", str(conf), "--server_id", server,
+                         "--output", str(path)])
+        tables.append(str(path))
+    merged = rank_table.main(["merge", *tables, "--output", str(tmp_path / "cluster.json")])
+    assert merged["server_count"] == "2"
+    second = merged["server_list"][1]
+    assert second["server_id"] == "10.0.0.2"
+    assert [(d["device_id"], d["device_ip"], d["rank_id"]) for d in second["device"]][:2] == [
+        ("0", "192.2.0.6", "8"), ("1", "192.2.1.6", "9")]
+    assert json.loads((tmp_path / "cluster.json").read_text()) == merged
+
+
+def test_rank_table_refusals_say_what_to_fix(tmp_path):
+    import rank_table
+
+    with pytest.raises(rank_table.RankTableError, match="crosses the 0-3 / 4-7"):
+        rank_table.parse_device_range("[3,6)")
+    conf = tmp_path / "hccn.conf"
+    conf.write_text("address_0=192.1.0.6\n")
+    with pytest.raises(rank_table.RankTableError, match=r"device\(s\) \[1\]"):
+        rank_table.generate([0, 1], conf, "10.0.0.1")
+    table = rank_table.generate([0], conf, "10.0.0.1")
+    with pytest.raises(rank_table.RankTableError, match="more than one table"):
+        rank_table.merge([table, table])
