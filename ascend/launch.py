@@ -28,5 +28,5 @@ def run(parser: argparse.ArgumentParser, task: str, body, argv=None):
         config = load_recipe(args.config, overrides_from_args(args), task)
         print(json.dumps({"task": task, "recipe": args.config, **describe(config)}, default=str), flush=True)
         return body(config, args)
-    except (RecipeError, DataFormatError, ConversionError, FileNotFoundError, KeyError) as err:
+    except (RecipeError, DataFormatError, ConversionError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

@@ -16,6 +16,7 @@ for folder in (ASCEND, ROOT):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from checkpoint_convert import ConversionError  # noqa: E402
 from utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -76,8 +77,7 @@ def finetune(config) -> Dict[str, object]:
     from mindformers import Trainer
 
     start(config)
-    for section in (config.get("train_dataset"),):
-        check_data(section.data_loader.dataset_dir)
+    check_data(config.train_dataset.data_loader.dataset_dir)
     out = output_dir(config)
     history_file = out / "log_history.jsonl"
     history_file.unlink(missing_ok=True)
@@ -119,13 +119,14 @@ def build_network(config):
     network = mindformers_build_network(config.model, default_args={"parallel_config": config.parallel_config,
                                                                      "moe_config": config.moe_config})
     if not config.load_checkpoint:
-        raise ValueError("no checkpoint: pass --load_checkpoint or --model_dir")
+        raise ConversionError("no checkpoint: pass --load_checkpoint or --model_dir")
     missing, _ = ms.load_param_into_net(network, ms.load_checkpoint(str(config.load_checkpoint)))
     # the paged KV cache is runtime state; LoRA deltas absent from a base checkpoint start as MindPet initialises
     # them (B = 0: the base model's output)
     missing = [name for name in missing if "paged_attention_mgr" not in name and "mindpet_delta" not in name]
     if missing:
-        raise KeyError(f"{config.load_checkpoint} lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+        raise ConversionError(f"{config.load_checkpoint} lacks {len(missing)} parameter(s) of the recipe's model, "
+                              f"e.g. {missing[:3]}: is it a checkpoint of this model (--model_dir)?")
     network.set_train(False)
     return network
 

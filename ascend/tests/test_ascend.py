@@ -158,8 +158,9 @@ def losses_of(out: Path):
 
 
 def trained_checkpoint(out: Path) -> Path:
-    meta = json.loads((out / "checkpoint" / "rank_0" / "meta.json").read_text())
-    return out / "checkpoint" / "rank_0" / meta["last_ckpt_file"]
+    import tasks
+
+    return tasks.latest_checkpoint(out)
 
 
 @pytest.mark.slow
