@@ -61,6 +61,26 @@ def test_hf_mindspore_hf_round_trip_is_bit_identical(paddle_and_hf, tmp_path):
     assert json.loads((hf / "config.json").read_text()) == json.loads((back / "config.json").read_text())
 
 
+SAME_PADDLE_WEIGHTS = """
+import sys, numpy as np, paddle
+a, b = (paddle.load(f"{d}/model_state.pdparams") for d in sys.argv[1:3])
+assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+for name in a:
+    assert a[name].dtype == b[name].dtype and np.array_equal(a[name].numpy(), b[name].numpy()), name
+print(len(a))
+"""
+
+
+@pytest.mark.parametrize("model_type", ["chatglm2", "chatglm3"])
+def test_paddle_mindspore_paddle_round_trip_is_bit_identical(model_type, paddle_and_hf, tmp_path):
+    root = paddle_and_hf(model_type)
+    ckpt = convert_weights.hf_to_ms(root / "hf", tmp_path / "m.ckpt")
+    back = convert_weights.ms_to_hf(ckpt, root / "hf", tmp_path / "hf")
+    main_venv("tools/convert_checkpoint.py", "--input_dir", back, "--output_dir", tmp_path / "paddle", "--to", "paddle")
+    compared = main_venv("-c", SAME_PADDLE_WEIGHTS, root / "paddle", tmp_path / "paddle")
+    assert int(compared.stdout.strip().splitlines()[-1]) > 10
+
+
 PREDICT_RECIPE = ASCEND / "configs" / "predict_glm2_6b.yaml"
 LORA_RECIPE = ASCEND / "configs" / "lora_glm2_6b.yaml"
 
