@@ -160,6 +160,32 @@ def test_tensor_parallel_two_cpu_processes_match_single_process(method, tiny_dir
     assert list((tp / "checkpoint-3").glob(f"{prefix}*.pdparams"))
 
 
+@pytest.mark.slow
+def test_lora_tensor_parallel_run_resumes_from_its_merged_checkpoint(tiny_dir, demo_data, tmp_path):
+    """PaddleNLP saves a TP LoRA checkpoint merged (one lora_model_state.pdparams, optimizer per shard); resuming
+    both ranks from it must continue the run exactly."""
+    common = dict(max_steps=6, save_steps=3, learning_rate=1e-2, lora=True, lora_rank=4, tensor_parallel_degree=2)
+
+    def launch(out, **extra):
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+               str(tmp_path / f"log_{out.name}"), str(ROOT / "finetune_generation.py"),
+               *finetune_argv(tiny_dir("chatglm2"), demo_data, out, **common, **extra)]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, "".join(p.read_text(errors="replace")[-3000:]
+                                             for p in sorted((tmp_path / f"log_{out.name}").glob("workerlog.*")))
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch(full)
+    assert (full / "checkpoint-3" / "lora_model_state.pdparams").exists()
+    resumed.mkdir()
+    os.system(f"cp -r {full / 'checkpoint-3'} {resumed}/")
+    launch(resumed, resume_from_checkpoint="auto")
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [4, 5, 6] and b[6] < a[1]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a, b)
+
+
 # ------------------------------------------------------------------------------------- refused up front
 
 
