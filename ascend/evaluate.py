@@ -7,10 +7,12 @@ computes them (the Paddle suite's metric), with MindFormers' generate.
 Writes output_dir/eval_predictions.jsonl and output_dir/eval_metrics.json.
 """
 from launch import parser_for, run
+from recipe import add_seq_length_argument
 
 
 def main(argv=None):
     parser = parser_for(__doc__, "eval_glm2_6b.yaml")
+    add_seq_length_argument(parser)
     parser.add_argument("--eval_data", help="AdvertiseGen-shaped JSON lines (content/summary)")
     parser.add_argument("--max_decode_length", type=int, help="prompt + answer tokens at most (recipe: 256)")
 

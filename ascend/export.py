@@ -6,10 +6,12 @@
 Writes output_dir/mindir/glm2.mindir (load with mindspore.load + nn.GraphCell, or MindSpore Lite).
 """
 from launch import parser_for, run
+from recipe import add_seq_length_argument
 
 
 def main(argv=None):
     parser = parser_for(__doc__, "export_glm2_6b.yaml")
+    add_seq_length_argument(parser)
 
     def body(config, args):
         import tasks

@@ -7,10 +7,12 @@
 as JSON lines {"query", "answer", "token_ids"}.
 """
 from launch import parser_for, run
+from recipe import add_seq_length_argument
 
 
 def main(argv=None):
     parser = parser_for(__doc__, "predict_glm2_6b.yaml")
+    add_seq_length_argument(parser)
     parser.add_argument("--query", action="append", default=[], help="a question (repeatable)")
     parser.add_argument("--input_file", help="questions in any format the suite reads (data.py)")
     parser.add_argument("--output_file", help="where to write the answers (JSON lines); printed otherwise")

@@ -58,6 +58,7 @@ class RecipeOverrides:
     max_source_length: Optional[int] = None
     max_target_length: Optional[int] = None
     max_decode_length: Optional[int] = None
+    seq_length: Optional[int] = None
     save_checkpoint_steps: Optional[int] = None
 
 
@@ -76,6 +77,13 @@ def add_recipe_arguments(parser, default_config: str) -> None:
     parser.add_argument("--max_source_length", type=int, help="prompt token budget of the dataset")
     parser.add_argument("--max_target_length", type=int,
                         help="answer token budget; for training seq_length becomes source + target + 1")
+
+
+def add_seq_length_argument(parser) -> None:
+    """For inference: a 32K model's full length needs an NPU's memory (a [32768, 32768] attention mask alone is
+    4 GB in fp32); a shorter static length serves shorter prompts with the same weights."""
+    parser.add_argument("--seq_length", type=int, help="the model's static length for this run (prompt + answer); "
+                        "default: the recipe's (32768 for GLM3-32K)")
 
 
 def overrides_from_args(args) -> RecipeOverrides:
@@ -206,6 +214,11 @@ def apply_overrides(config, o: RecipeOverrides) -> None:
         config.runner_config["epochs"] = o.epochs
     if o.learning_rate and config.get("lr_schedule"):
         config.lr_schedule["learning_rate"] = o.learning_rate
+    if o.seq_length:
+        config.model.model_config["seq_length"] = o.seq_length
+        # generation stops at max_decode_length, which cannot pass the model's length
+        config.model.model_config["max_decode_length"] = min(config.model.model_config["max_decode_length"],
+                                                             o.seq_length)
     if o.max_decode_length:
         config.model.model_config["max_decode_length"] = o.max_decode_length
     if o.save_checkpoint_steps:

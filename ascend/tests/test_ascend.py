@@ -243,11 +243,18 @@ def test_eval_scores_with_the_suite_metric(finetuned, paddle_and_hf, demo_data, 
     assert scores == compute_metrics([p["prediction"] for p in pairs], [p["label"] for p in pairs])
 
 
+PREDICT_RECIPES = {"chatglm2": ("predict_glm2_6b.yaml", []),  # GLM3-32K at a CPU-sized static length
+                   "chatglm3": ("predict_glm3_32k.yaml", ["--seq_length", 512])}
+
+
 @pytest.mark.slow
-def test_predict_answers_equal_the_paddle_suite_word_for_word(paddle_and_hf, demo_data, tmp_path):
-    root = paddle_and_hf("chatglm2")
-    launcher("predict.py", "--model_dir", root / "hf", "--input_file", demo_data / "dev2.json", "--output_file",
-             tmp_path / "ms.jsonl", "--output_dir", tmp_path / "out", "--max_new_tokens", 8)
+@pytest.mark.parametrize("model_type", ["chatglm2", "chatglm3"])
+def test_predict_answers_equal_the_paddle_suite_word_for_word(model_type, paddle_and_hf, demo_data, tmp_path):
+    root = paddle_and_hf(model_type)
+    recipe, extra = PREDICT_RECIPES[model_type]
+    launcher("predict.py", "--config", ASCEND / "configs" / recipe, "--model_dir", root / "hf", "--input_file",
+             demo_data / "dev2.json", "--output_file", tmp_path / "ms.jsonl", "--output_dir", tmp_path / "out",
+             "--max_new_tokens", 8, *extra)
     main_venv("predict_generation.py", "--model_name_or_path", root / "paddle", "--data_file",
               demo_data / "dev2.json", "--output_file", tmp_path / "paddle.json", "--tgt_length", 8,
               "--src_length", 64, "--batch_size", 1)

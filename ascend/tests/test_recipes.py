@@ -19,7 +19,8 @@ RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 def test_the_recipes_the_issue_asks_for_are_there():
     assert set(RECIPES) == {"finetune_glm2_6b.yaml", "lora_glm2_6b.yaml", "eval_glm2_6b.yaml",
-                            "predict_glm2_6b.yaml", "export_glm2_6b.yaml", "finetune_glm3_32k.yaml"}
+                            "predict_glm2_6b.yaml", "export_glm2_6b.yaml", "finetune_glm3_32k.yaml",
+                            "predict_glm3_32k.yaml"}
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -53,6 +54,13 @@ def test_recipe_numbers_are_the_published_ones():
     assert (parallel.data_parallel, parallel.pipeline_stage, devices_needed(glm3)) == (2, 4, 8)
     assert parallel.micro_batch_num >= parallel.pipeline_stage
     assert glm3.processor.tokenizer.type == glm3.train_dataset.tokenizer.type == "ChatGLM3Tokenizer"
+
+    predict3 = load_recipe(CONFIGS / "predict_glm3_32k.yaml")
+    model = predict3.model.model_config
+    assert (model.seq_length, model.rope_ratio, model.use_past) == (32768, 50, True)
+    assert predict3.processor.tokenizer.type == "ChatGLM3Tokenizer"
+    shorter = load_recipe(CONFIGS / "predict_glm3_32k.yaml", RecipeOverrides(seq_length=256))
+    assert (shorter.model.model_config.seq_length, shorter.model.model_config.max_decode_length) == (256, 256)
 
 
 def write_variant(tmp_path, name, old, new):
