@@ -10,12 +10,14 @@ must change:
 - on a CPU (`--device_target CPU`): `adapt_to_cpu` lists each change, all of them things only an NPU has.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+logger = logging.getLogger("glm_tune.ascend")
 
 # ChatGLM2/3 config.json keys that size MindFormers' ChatGLM2Config (same names in both).
 MODEL_SIZE_KEYS = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
@@ -103,7 +105,8 @@ def load_recipe(path, overrides: RecipeOverrides = RecipeOverrides(), task: str 
     config = MindFormerConfig(str(path))
     apply_overrides(config, overrides)
     if str(config.context.device_target).upper() == "CPU":
-        adapt_to_cpu(config)
+        for change in adapt_to_cpu(config):
+            logger.warning("CPU run: %s", change)
     check_recipe(config, task or RUN_MODE_TASKS.get(config.get("run_mode")))
     return config
 
