@@ -35,11 +35,15 @@ class GenerationStep(paddle.nn.Layer):
             logits, rest = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                       cache=past, use_cache=True, return_dict=False)
             presents = rest[0]
+            next_logits = logits[:, -1, :].astype("float32")
         else:
-            logits, presents = self.model(input_ids=input_ids, position_ids=position_ids,
-                                          attention_mask=attention_mask, past_key_values=past, use_cache=True,
-                                          return_dict=False)[:2]
-        next_logits = logits[:, -1, :].astype("float32")
+            # the vocabulary projection for the last position only: PaddleNLP's ChatGLMv2 ignores
+            # return_last_logit and would project every prompt position at prefill (S x 65024 x hidden)
+            hidden, presents = self.model.chatglm_v2(input_ids=input_ids, position_ids=position_ids,
+                                                     attention_mask=attention_mask, past_key_values=past,
+                                                     use_cache=True, return_dict=False)[:2]
+            # its hidden states are [S, B, H]; the output layer returns [B, S', V]
+            next_logits = self.model.chatglm_v2.output_layer(hidden[-1:])[:, 0, :].astype("float32")
         return next_logits, paddle.stack([p[0] for p in presents]), paddle.stack([p[1] for p in presents])
 
 
