@@ -30,13 +30,35 @@ def start(config) -> None:
     ms_cpu_compat.install()
 
 
-def check_data(path) -> int:
-    """Read an AdvertiseGen-shaped file with the suite's reader first: a malformed line stops the run with
-    file:line (MindFormers' reader fails later with a bare JSON or key error)."""
-    from data import read_examples
+def check_data(path, columns=("content", "summary")) -> int:
+    """Every record of an AdvertiseGen-shaped file, checked before MindFormers reads it: its ADGenDataLoader drops a
+    malformed line, a record without the recipe's `origin_columns` or with an empty value at INFO level and trains
+    on the rest (a JSON-list file, or instruction data, silently becomes an empty or partial dataset). Here the run
+    stops at the first such record with file:line and what to change. Returns the number of records."""
+    from data import DataFormatError, iter_json_records
 
-    examples = read_examples(path)
-    return len(examples)
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as handle:
+        if handle.read(4096).lstrip().startswith("["):
+            raise DataFormatError(f"{path}: one JSON list; MindFormers' ADGenDataLoader reads JSON lines (one "
+                                  "record per line): rewrite it that way")
+    count = 0
+    for lineno, record in iter_json_records(path):
+        if isinstance(record, DataFormatError):
+            raise record
+        bad = [c for c in columns if not isinstance(record, dict) or not isinstance(record.get(c), str)
+               or not record[c].strip()]
+        if bad:
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataFormatError(f"{path}:{lineno}: needs non-empty text in {list(columns)} (the recipe's "
+                                  f"origin_columns), missing or empty: {bad}; found {found}. MindFormers would drop "
+                                  "this record without an error")
+        count += 1
+    if not count:
+        raise DataFormatError(f"{path}: no records")
+    return count
 
 
 def output_dir(config) -> Path:
@@ -76,8 +98,9 @@ def finetune(config) -> Dict[str, object]:
     """MindFormers' Trainer.finetune on the recipe; returns the last checkpoint and the per-step losses."""
     from mindformers import Trainer
 
+    loader = config.train_dataset.data_loader
+    check_data(loader.dataset_dir, loader.origin_columns)
     start(config)
-    check_data(config.train_dataset.data_loader.dataset_dir)
     out = output_dir(config)
     history_file = out / "log_history.jsonl"
     history_file.unlink(missing_ok=True)
@@ -94,8 +117,9 @@ def evaluate(config) -> Dict[str, float]:
 
     from adgen_metric import SuiteADGENMetric
 
+    loader = config.eval_dataset.data_loader
+    check_data(loader.dataset_dir, loader.origin_columns)
     start(config)
-    check_data(config.eval_dataset.data_loader.dataset_dir)
     metric = SuiteADGENMetric()
     trainer = Trainer(args=config, compute_metrics={"adgen": metric})
     trainer.evaluate(eval_checkpoint=config.load_checkpoint)

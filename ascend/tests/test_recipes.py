@@ -191,3 +191,27 @@ def test_rank_table_refusals_say_what_to_fix(tmp_path):
     table = rank_table.generate([0], conf, "10.0.0.1")
     with pytest.raises(rank_table.RankTableError, match="more than one table"):
         rank_table.merge([table, table])
+
+
+def test_data_mindformers_would_silently_drop_stops_the_run_with_file_and_line(tmp_path):
+    import tasks
+    from data import DataFormatError
+
+    good = tmp_path / "good.json"
+    good.write_text('{"content": "类型#裙", "summary": "这款裙子"}\n\n{"content": "类型#裤", "summary": "这款裤子"}\n',
+                    encoding="utf-8")
+    assert tasks.check_data(good) == 2
+    cases = {
+        "instruction.json": ('{"content": "a", "summary": "b"}\n{"instruction": "写一句", "output": "好"}\n',
+                             r"instruction.json:2: .*missing or empty: \['content', 'summary'\]"),
+        "empty_value.json": ('{"content": "a", "summary": "  "}\n', r"empty_value.json:1: .*\['summary'\]"),
+        "malformed.json": ('{"content": "a", "summary": "b"}\n{"content": \n', r"malformed.json:2: malformed JSON"),
+        "list.json": ('[{"content": "a", "summary": "b"}]', "one JSON list"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DataFormatError, match=message):
+            tasks.check_data(path)
+    with pytest.raises(DataFormatError, match=r"\['input'\]"):
+        tasks.check_data(good, columns=("input", "summary"))
