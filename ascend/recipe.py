@@ -12,11 +12,17 @@ must change:
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+ASCEND = Path(__file__).resolve().parent
+for _folder in (ASCEND, ASCEND.parent):  # convert_weights beside it, the suite's glm_family above it
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+CONFIGS = ASCEND / "configs"
 logger = logging.getLogger("glm_tune.ascend")
 
 # ChatGLM2/3 config.json keys that size MindFormers' ChatGLM2Config (same names in both).
@@ -130,21 +136,6 @@ def tokenizer_sections(config) -> List[dict]:
     return found
 
 
-def model_generation(model_dir) -> Optional[str]:
-    """chatglm2 / chatglm3 for a THUDM folder, None when its files do not say (THUDM's ChatGLM3 config.json
-    looks like ChatGLM2's; the tokenizer config names the class)."""
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if config.get("chatglm_generation") in TOKENIZER_BY_GENERATION:
-        return config["chatglm_generation"]
-    tokenizer_config = model_dir / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        text = tokenizer_config.read_text(encoding="utf-8")
-        if "<|user|>" in text or "ChatGLM3" in text:
-            return "chatglm3"
-    return None
-
-
 def apply_model_dir(config, model_dir, output_dir: Path, load_checkpoint: Optional[str]) -> None:
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
@@ -163,10 +154,15 @@ def apply_model_dir(config, model_dir, output_dir: Path, load_checkpoint: Option
     vocab = model_dir / "tokenizer.model"
     if not vocab.is_file():
         raise RecipeError(f"--model_dir {model_dir}: no tokenizer.model")
-    generation = model_generation(model_dir)
+    from glm_family import NotAChatGLMCheckpoint, detect_generation
+
+    try:
+        generation = detect_generation(model_dir)
+    except NotAChatGLMCheckpoint as err:
+        raise RecipeError(f"--model_dir: {err}") from None
     for tokenizer in tokenizer_sections(config):
         tokenizer["vocab_file"] = str(vocab)
-        if generation and tokenizer["type"] != TOKENIZER_BY_GENERATION[generation]:
+        if tokenizer["type"] != TOKENIZER_BY_GENERATION[generation]:
             raise RecipeError(f"{model_dir} is a {generation} model but the recipe's tokenizer is "
                               f"{tokenizer['type']}: use a recipe for {generation} (ascend/configs)")
     if load_checkpoint is None:
