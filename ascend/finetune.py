@@ -16,6 +16,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, help="passes over the data (recipe: runner_config.epochs)")
     parser.add_argument("--learning_rate", type=float, help="peak learning rate (recipe: lr_schedule)")
     parser.add_argument("--save_checkpoint_steps", type=int, help="checkpoint interval (recipe: CheckpointMonitor)")
+    parser.add_argument("--keep_checkpoint_max", type=int, help="checkpoints kept (recipe: CheckpointMonitor, 1)")
+    parser.add_argument("--resume_from_checkpoint", help="continue an interrupted run from one of its checkpoints "
+                        "(output_dir/checkpoint/rank_0/*.ckpt): weights, optimizer, loss scale, step, data position")
 
     def body(config, args):
         import tasks

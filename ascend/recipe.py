@@ -68,6 +68,8 @@ class RecipeOverrides:
     max_decode_length: Optional[int] = None
     seq_length: Optional[int] = None
     save_checkpoint_steps: Optional[int] = None
+    keep_checkpoint_max: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None
 
 
 def add_recipe_arguments(parser, default_config: str) -> None:
@@ -190,7 +192,9 @@ def apply_overrides(config, o: RecipeOverrides) -> None:
             raise RecipeError(f"--load_checkpoint {o.load_checkpoint}: not found")
         config["load_checkpoint"] = str(Path(o.load_checkpoint).resolve())
     if o.model_dir:
-        apply_model_dir(config, o.model_dir, output_dir, o.load_checkpoint)
+        apply_model_dir(config, o.model_dir, output_dir, o.load_checkpoint or o.resume_from_checkpoint)
+    if o.resume_from_checkpoint:
+        apply_resume(config, Path(o.resume_from_checkpoint))
     for split, data in (("train", o.train_data), ("eval", o.eval_data)):
         for section in dataset_sections(config, split):
             if data:
@@ -220,10 +224,24 @@ def apply_overrides(config, o: RecipeOverrides) -> None:
                                                              o.seq_length)
     if o.max_decode_length:
         config.model.model_config["max_decode_length"] = o.max_decode_length
-    if o.save_checkpoint_steps:
-        for callback in config.get("callbacks") or []:
-            if callback["type"] == "CheckpointMonitor":
+    for callback in config.get("callbacks") or []:
+        if callback["type"] == "CheckpointMonitor":
+            if o.save_checkpoint_steps:
                 callback["save_checkpoint_steps"] = o.save_checkpoint_steps
+            if o.keep_checkpoint_max:
+                callback["keep_checkpoint_max"] = o.keep_checkpoint_max
+
+
+def apply_resume(config, checkpoint: Path) -> None:
+    """MindFormers resumes from a run's checkpoint folder (`load_checkpoint` = .../checkpoint, one rank_N
+    subfolder per rank) and the file name to continue from (`resume_training`); weights, optimizer state, loss
+    scale and the step counter come back, and the data already seen is skipped."""
+    rank_folder = checkpoint.resolve().parent
+    if not checkpoint.is_file() or not checkpoint.suffix == ".ckpt" or not rank_folder.name.startswith("rank_"):
+        raise RecipeError(f"--resume_from_checkpoint {checkpoint}: expected a .ckpt a fine-tune wrote, "
+                          "output_dir/checkpoint/rank_0/<prefix>_rank_0-<epoch>_<step>.ckpt")
+    config["load_checkpoint"] = str(rank_folder.parent)
+    config["resume_training"] = checkpoint.name
 
 
 def adapt_to_cpu(config) -> List[str]:

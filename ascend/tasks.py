@@ -67,8 +67,9 @@ def output_dir(config) -> Path:
     return path
 
 
-def loss_history_callback(path: Path):
-    """A MindSpore callback writing {"step", "loss"} per training step to `path` (JSON lines, appended)."""
+def loss_history_callback(path: Path, first_step: int = 1):
+    """A MindSpore callback writing {"step", "loss"} per training step to `path` (JSON lines, appended); steps
+    count from `first_step` (a resumed run continues its numbering)."""
     from mindspore.train import Callback
 
     class LossHistory(Callback):
@@ -76,8 +77,9 @@ def loss_history_callback(path: Path):
             params = run_context.original_args()
             outputs = params.net_outputs
             loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+            step = int(params.cur_step_num) + first_step - 1
             with open(path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": int(params.cur_step_num), "loss": float(loss.asnumpy())}) + "\n")
+                handle.write(json.dumps({"step": step, "loss": float(loss.asnumpy())}) + "\n")
 
     return LossHistory()
 
@@ -94,6 +96,18 @@ def latest_checkpoint(out: Path) -> Path:
     return found[-1]
 
 
+def resumed_step(config) -> int:
+    """The optimizer step a resumed run starts after (0 for a fresh run), read from the checkpoint's own counter
+    without loading its weights."""
+    import mindspore as ms
+
+    if not isinstance(config.get("resume_training"), str):
+        return 0
+    checkpoint = Path(config.load_checkpoint) / "rank_0" / config.resume_training
+    counter = ms.load_checkpoint(str(checkpoint), choice_func=lambda name: name == "global_step")
+    return int(counter["global_step"].asnumpy().reshape(-1)[0]) if "global_step" in counter else 0
+
+
 def finetune(config) -> Dict[str, object]:
     """MindFormers' Trainer.finetune on the recipe; returns the last checkpoint and the per-step losses."""
     from mindformers import Trainer
@@ -104,7 +118,7 @@ def finetune(config) -> Dict[str, object]:
     out = output_dir(config)
     history_file = out / "log_history.jsonl"
     history_file.unlink(missing_ok=True)
-    trainer = Trainer(args=config, callbacks=[loss_history_callback(history_file)])
+    trainer = Trainer(args=config, callbacks=[loss_history_callback(history_file, resumed_step(config) + 1)])
     trainer.finetune(finetune_checkpoint=config.load_checkpoint or False)
     losses = [json.loads(line)["loss"] for line in history_file.read_text().splitlines()]
     return {"checkpoint": latest_checkpoint(out), "losses": losses, "log_history": history_file}

@@ -166,7 +166,8 @@ def finetuned(paddle_and_hf, demo_data, tmp_path_factory):
             lr = {"full": 1e-3, "lora": 1e-2}[kind]
             launcher("finetune.py", "--config", ASCEND / "configs" / recipe, "--model_dir",
                      paddle_and_hf("chatglm2") / "hf", "--train_data", demo_data / "train48.json", "--output_dir",
-                     out, "--learning_rate", lr, *TRAIN_FLAGS)
+                     out, "--learning_rate", lr, "--save_checkpoint_steps", 6, "--keep_checkpoint_max", 2,
+                     *TRAIN_FLAGS)
             runs[kind] = out
         return runs[kind]
 
@@ -201,6 +202,22 @@ def test_full_finetune_lowers_the_loss_and_the_tuned_model_runs_in_paddle(finetu
     ids = np.random.RandomState(1).randint(3, 1200, size=(1, 24)).astype(np.int64)
     ours = mindformers_logits(PREDICT_RECIPE, hf, ckpt, ids, tmp_path)
     assert np.abs(ours - paddle_logits(tmp_path / "paddle", "chatglm2", ids, tmp_path)).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_resumed_finetune_continues_the_run_exactly(finetuned, paddle_and_hf, demo_data, tmp_path):
+    full = finetuned("full")
+    middle = next((full / "checkpoint" / "rank_0").glob("*_6.ckpt"))
+    launcher("finetune.py", "--model_dir", paddle_and_hf("chatglm2") / "hf", "--train_data",
+             demo_data / "train48.json", "--output_dir", tmp_path, "--learning_rate", 1e-3,
+             "--resume_from_checkpoint", middle, *TRAIN_FLAGS)
+    uninterrupted = {json.loads(line)["step"]: json.loads(line)["loss"]
+                     for line in (full / "log_history.jsonl").read_text().splitlines()}
+    resumed = {json.loads(line)["step"]: json.loads(line)["loss"]
+               for line in (tmp_path / "log_history.jsonl").read_text().splitlines()}
+    assert sorted(resumed) == list(range(7, 13))
+    for step, loss in resumed.items():
+        assert abs(loss - uninterrupted[step]) <= 1e-6, (step, loss, uninterrupted[step])
 
 
 @pytest.mark.slow

@@ -215,3 +215,15 @@ def test_data_mindformers_would_silently_drop_stops_the_run_with_file_and_line(t
             tasks.check_data(path)
     with pytest.raises(DataFormatError, match=r"\['input'\]"):
         tasks.check_data(good, columns=("input", "summary"))
+
+
+def test_resume_points_mindformers_at_the_runs_checkpoint_folder(tmp_path):
+    rank = tmp_path / "out" / "checkpoint" / "rank_0"
+    rank.mkdir(parents=True)
+    (rank / "glm2-6b_rank_0-1_6.ckpt").write_bytes(b"")
+    config = load_recipe(CONFIGS / "finetune_glm2_6b.yaml",
+                         RecipeOverrides(resume_from_checkpoint=str(rank / "glm2-6b_rank_0-1_6.ckpt")))
+    assert (config.load_checkpoint, config.resume_training) == (str(rank.parent), "glm2-6b_rank_0-1_6.ckpt")
+    (tmp_path / "loose.ckpt").write_bytes(b"")
+    with pytest.raises(RecipeError, match="expected a .ckpt a fine-tune wrote"):
+        load_recipe(CONFIGS / "finetune_glm2_6b.yaml", RecipeOverrides(resume_from_checkpoint=str(tmp_path / "x.ckpt")))
