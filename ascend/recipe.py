@@ -116,6 +116,9 @@ def load_recipe(path, overrides: RecipeOverrides = RecipeOverrides(), task: str 
         for change in adapt_to_cpu(config):
             logger.warning("CPU run: %s", change)
     check_recipe(config, task or RUN_MODE_TASKS.get(config.get("run_mode")))
+    if overrides.model_dir and not (overrides.load_checkpoint or overrides.resume_from_checkpoint):
+        # converted last: a 6B conversion takes minutes, a refused recipe should not wait for it
+        convert_once(Path(overrides.model_dir), Path(config.load_checkpoint))
     return config
 
 
@@ -167,18 +170,16 @@ def apply_model_dir(config, model_dir, output_dir: Path, load_checkpoint: Option
         if tokenizer["type"] != TOKENIZER_BY_GENERATION[generation]:
             raise RecipeError(f"{model_dir} is a {generation} model but the recipe's tokenizer is "
                               f"{tokenizer['type']}: use a recipe for {generation} (ascend/configs)")
-    if load_checkpoint is None:
-        config["load_checkpoint"] = str(converted_checkpoint(model_dir, output_dir / "converted"))
+    if load_checkpoint is None:  # load_recipe converts the folder there once the recipe has passed its checks
+        config["load_checkpoint"] = str(output_dir / "converted" / f"{model_dir.resolve().name}.ckpt")
 
 
-def converted_checkpoint(model_dir: Path, cache_dir: Path) -> Path:
+def convert_once(model_dir: Path, target: Path) -> None:
     """The MindSpore checkpoint of an HF folder, converted once (kept next to the run's output)."""
     import convert_weights
 
-    target = cache_dir / f"{model_dir.resolve().name}.ckpt"
     if not target.is_file():
         convert_weights.hf_to_ms(model_dir, target)
-    return target
 
 
 def apply_overrides(config, o: RecipeOverrides) -> None:
@@ -333,7 +334,7 @@ def check_recipe(config, task: Optional[str]) -> None:
         if pc.get("pipeline_stage", 1) > model_config["num_layers"]:
             problems.append(f"pipeline_stage {pc['pipeline_stage']} exceeds num_layers {model_config['num_layers']}")
         world = os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE")
-        cards = pc.get("data_parallel", 1) * pc.get("model_parallel", 1) * pc.get("pipeline_stage", 1)
+        cards = devices_needed(config)
         if world and int(world) != cards:
             problems.append(f"data_parallel x model_parallel x pipeline_stage = {cards} but {world} processes "
                             "were launched")

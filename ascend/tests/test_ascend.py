@@ -174,8 +174,13 @@ def finetuned(paddle_and_hf, demo_data, tmp_path_factory):
     return get
 
 
-def losses_of(out: Path):
-    return [json.loads(line)["loss"] for line in (out / "log_history.jsonl").read_text().splitlines()]
+def loss_by_step(out: Path) -> dict:
+    return {record["step"]: record["loss"] for record in map(json.loads, (out / "log_history.jsonl").read_text()
+                                                              .splitlines())}
+
+
+def losses_of(out: Path) -> list:
+    return [loss for _, loss in sorted(loss_by_step(out).items())]
 
 
 def trained_checkpoint(out: Path) -> Path:
@@ -211,10 +216,7 @@ def test_resumed_finetune_continues_the_run_exactly(finetuned, paddle_and_hf, de
     launcher("finetune.py", "--model_dir", paddle_and_hf("chatglm2") / "hf", "--train_data",
              demo_data / "train48.json", "--output_dir", tmp_path, "--learning_rate", 1e-3,
              "--resume_from_checkpoint", middle, *TRAIN_FLAGS)
-    uninterrupted = {json.loads(line)["step"]: json.loads(line)["loss"]
-                     for line in (full / "log_history.jsonl").read_text().splitlines()}
-    resumed = {json.loads(line)["step"]: json.loads(line)["loss"]
-               for line in (tmp_path / "log_history.jsonl").read_text().splitlines()}
+    uninterrupted, resumed = loss_by_step(full), loss_by_step(tmp_path)
     assert sorted(resumed) == list(range(7, 13))
     for step, loss in resumed.items():
         assert abs(loss - uninterrupted[step]) <= 1e-6, (step, loss, uninterrupted[step])

@@ -227,3 +227,11 @@ def test_resume_points_mindformers_at_the_runs_checkpoint_folder(tmp_path):
     (tmp_path / "loose.ckpt").write_bytes(b"")
     with pytest.raises(RecipeError, match="expected a .ckpt a fine-tune wrote"):
         load_recipe(CONFIGS / "finetune_glm2_6b.yaml", RecipeOverrides(resume_from_checkpoint=str(tmp_path / "x.ckpt")))
+
+
+def test_a_refused_recipe_does_not_wait_for_the_weight_conversion(tmp_path):
+    v2 = fake_model_dir(tmp_path, "chatglm2")  # no weights: converting it would fail with a ConversionError
+    path = write_variant(tmp_path, "finetune_glm2_6b.yaml", "seq_length: 192", "seq_length: 2048")
+    with pytest.raises(RecipeError, match="seq_length is 2048"):
+        load_recipe(path, RecipeOverrides(model_dir=str(v2), output_dir=str(tmp_path / "out")), task="finetune")
+    assert not (tmp_path / "out" / "converted").exists()
