@@ -4,10 +4,38 @@ Scripts parse the groups they need with PaddleNLP's PdArgumentParser, so flags r
 PaddleNLP ChatGLM examples (`--model_name_or_path`, `--task_name_or_path`, `--src_length`, `--tgt_length`, …)
 and `script.py config.json` works as well as command-line flags.
 """
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from paddlenlp.trainer import TrainingArguments
+from paddlenlp.trainer import PdArgumentParser, TrainingArguments
+
+from errors import GlmTuneError
+
+
+class ArgumentError(GlmTuneError):
+    """A flag value no command can use; the message names the flag and the accepted values."""
+
+
+def parse_dataclasses(groups, argv=None):
+    """Parse argv (or one JSON config file) into the argument dataclasses `groups`; a value a dataclass
+    refuses becomes an ArgumentError naming the flag instead of a traceback."""
+    parser = PdArgumentParser(groups)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(argv)
+    except ArgumentError:
+        raise
+    except (ValueError, TypeError, OSError) as err:
+        raise ArgumentError(str(err)) from None
+
+
+def require_flag(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
 
 
 @dataclass
@@ -27,9 +55,11 @@ class DataArgument:
                                                                             "only (generation is slow)."})
 
     def __post_init__(self):
-        if self.src_length <= 2 or self.tgt_length <= 1:
-            raise ValueError(f"--src_length ({self.src_length}) must exceed 2 and --tgt_length "
-                             f"({self.tgt_length}) must exceed 1 to hold the special tokens")
+        require_flag(self.src_length > 2 and self.tgt_length > 1,
+               f"--src_length ({self.src_length}) must exceed 2 and --tgt_length ({self.tgt_length}) must exceed 1 "
+               "to hold the special tokens")
+        require_flag(self.max_eval_samples is None or self.max_eval_samples >= 1,
+               f"--max_eval_samples {self.max_eval_samples} must be at least 1 (omit it to evaluate every record)")
 
 
 @dataclass
@@ -54,7 +84,16 @@ class GenerateArgument:
     top_k: int = field(default=1, metadata={"help": "Sampling: keep the k most likely tokens (1 = greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Sampling: keep the smallest set of tokens whose "
                                                         "probability reaches top_p."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling: divide logits by this before softmax."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling: divide logits by this before softmax "
+                                                              "(> 0; lower is more deterministic)."})
+
+    def __post_init__(self):
+        require_flag(self.decode_strategy in ("greedy_search", "sampling"),
+               f"--decode_strategy {self.decode_strategy!r}: choose greedy_search or sampling")
+        require_flag(self.top_k >= 0, f"--top_k {self.top_k} must be 0 (no limit) or a positive number of tokens")
+        require_flag(0.0 < self.top_p <= 1.0, f"--top_p {self.top_p} must be in (0, 1]")
+        require_flag(self.temperature > 0.0, f"--temperature {self.temperature} must be above 0 (use --decode_strategy "
+                                       "greedy_search for deterministic answers)")
 
 
 @dataclass
@@ -85,3 +124,9 @@ class PredictArgument:
     merge_tensor_parallel_path: Optional[str] = field(default=None, metadata={
         "help": "With a tensor-parallel checkpoint under paddle.distributed.launch: also write the merged "
                 "single-shard checkpoint (weights, config, tokenizer) to this folder."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing --output_file (or --merge_tensor_parallel_path folder) that this command "
+                "did not write; an earlier predictions file or merge is replaced without it."})
+
+    def __post_init__(self):
+        require_flag(self.batch_size >= 1, f"--batch_size {self.batch_size} must be at least 1")

@@ -7,9 +7,11 @@ memory stays near one output shard plus one tensor, not the whole model. Names a
 the model the config describes before anything is written, every missing or unexpected tensor is named, and the
 output folder is staged and renamed into place, so a failed conversion never leaves a partial folder.
 """
+from errors import GlmTuneError, one_line
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 from glm_family import GENERATION_KEY, detect_generation, get_generation
 from hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
                        paddle_to_hf_name, parse_size, write_safetensors_shards)
+from output_guard import check_output_dir
 from utils import atomic_folder
 
 logger = logging.getLogger(__name__)
@@ -27,11 +30,44 @@ PADDLE_INDEX = "model_state.pdparams.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
-class ConversionError(ValueError):
+class ConversionError(GlmTuneError):
     """The input cannot be converted as asked; nothing was written."""
 
 
 # ------------------------------------------------------------------------------------------ HF side
+
+
+def read_weight_map(index: Path) -> dict:
+    """name -> shard file of a sharded checkpoint's index JSON."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise ConversionError(f"{index} is not a valid shard index ({err}); restore it from the checkpoint's "
+                              "download") from None
+    return weight_map
+
+
+def load_paddle_file(path, **kwargs):
+    """paddle.load of one weights file, with a one-line error for a truncated or foreign file."""
+    import paddle
+
+    try:
+        return paddle.load(str(path), **kwargs)
+    except (EOFError, pickle.UnpicklingError, ValueError, UnicodeDecodeError, RuntimeError, MemoryError) as err:
+        raise ConversionError(f"{path} cannot be read ({one_line(err)[:100] or type(err).__name__}): the "
+                              "file is truncated or not a Paddle checkpoint; save or download it again") from None
+
+
+def read_checkpoint_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{folder / 'config.json'} cannot be read ({err})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{folder / 'config.json'} is not a JSON object")
+    return config
 
 
 class HFWeights:
@@ -49,7 +85,7 @@ class HFWeights:
     def _weight_files(self):
         for index in (SAFETENSORS_INDEX, BIN_INDEX):
             if (self.folder / index).is_file():
-                weight_map = json.loads((self.folder / index).read_text())["weight_map"]
+                weight_map = read_weight_map(self.folder / index)
                 files = sorted({self.folder / f for f in weight_map.values()})
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
@@ -76,7 +112,11 @@ class HFWeights:
             import torch
 
             # weights_only refuses anything but tensors and plain containers: no pickled code runs.
-            self._open = {path: torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)}
+            try:
+                self._open = {path: torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)}
+            except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+                raise ConversionError(f"{path} cannot be read ({one_line(err)[:100]}): the file is "
+                                      "truncated or not a PyTorch checkpoint; download it again") from None
         return self._open[path]
 
     def names(self):
@@ -189,13 +229,23 @@ def _check(mapped: dict, expected: dict, tied: set) -> None:
 
 
 def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: str = None,
-                         max_shard_size="2GB", replace: bool = True) -> Path:
+                         max_shard_size="2GB", replace: bool = True, overwrite: bool = False) -> Path:
     import paddle
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_output_dir(output_dir, "convert_checkpoint", inputs={"--input_dir": input_dir}, overwrite=overwrite)
+    if (input_dir / PADDLE_WEIGHTS).is_file() or (input_dir / PADDLE_INDEX).is_file():
+        raise ConversionError(f"{input_dir} is already a Paddle checkpoint; to write it in the Hugging Face layout "
+                              "pass --to hf")
     model_type = model_type or detect_generation(input_dir)
     generation = get_generation(model_type)
-    hf_config = json.loads((input_dir / "config.json").read_text(encoding="utf-8"))
+    hf_config = read_checkpoint_config(input_dir)
+    needed = ["num_layers", "hidden_size", "num_attention_heads"] + (["padded_vocab_size", "seq_length"]
+                                                                      if model_type != "chatglm" else ["vocab_size"])
+    missing = [k for k in needed if k not in hf_config]
+    if missing:
+        raise ConversionError(f"{input_dir / 'config.json'} lacks {', '.join(missing)}: it is not THUDM's "
+                              f"{model_type} config.json (is the folder a Paddle checkpoint? then pass --to hf)")
     config_dict = paddle_config_from_hf(hf_config, model_type)
     dtype = dtype or config_dict["dtype"]
     config_dict["dtype"] = dtype
@@ -215,7 +265,8 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
     _check(mapped, expected_shapes(_paddle_config(config_dict, model_type), model_type), tied)
 
     # replace=False: under a launcher every rank converts into the same cache; the first one to finish wins.
-    with atomic_folder(output_dir, replace) as staging:
+    with atomic_folder(output_dir, "convert_checkpoint", overwrite, {"--input_dir": input_dir},
+                       replace=replace) as staging:
         limit, shard, size, shards = parse_size(max_shard_size), {}, 0, []
 
         def flush():
@@ -282,34 +333,34 @@ def _copy_tokenizer_to_paddle(input_dir: Path, staging: Path, model_type: str) -
 
 def _paddle_shard_files(input_dir: Path) -> list:
     if (input_dir / PADDLE_INDEX).is_file():
-        weight_map = json.loads((input_dir / PADDLE_INDEX).read_text())["weight_map"]
+        weight_map = read_weight_map(input_dir / PADDLE_INDEX)
         return [input_dir / f for f in sorted(set(weight_map.values()))]
     if (input_dir / PADDLE_WEIGHTS).is_file():
         return [input_dir / PADDLE_WEIGHTS]
     if list(input_dir.glob("model_state.tp*.pdparams")):
         raise ConversionError(f"{input_dir} holds tensor-parallel shards; merge them first: "
                               f"python tools/merge_tp_shards.py {input_dir} MERGED_DIR")
-    raise ConversionError(f"{input_dir} has no {PADDLE_WEIGHTS} or {PADDLE_INDEX}")
+    hint = "; it is in the Hugging Face layout: convert it with --to paddle" if is_hf_checkpoint(input_dir) else ""
+    raise ConversionError(f"{input_dir} has no {PADDLE_WEIGHTS} or {PADDLE_INDEX}{hint}")
 
 
 def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: str = None,
-                         max_shard_size="2GB") -> Path:
-    import paddle
-
+                         max_shard_size="2GB", overwrite: bool = False) -> Path:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_output_dir(output_dir, "convert_checkpoint", inputs={"--input_dir": input_dir}, overwrite=overwrite)
     model_type = model_type or detect_generation(input_dir)
     generation = get_generation(model_type)
+    files = _paddle_shard_files(input_dir)
     config_class, _, _ = generation.classes()
     config = config_class.from_pretrained(str(input_dir))
-    files = _paddle_shard_files(input_dir)
     expected = expected_shapes(config, model_type)
     tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
     ptype = generation.paddle_model_type
 
-    with atomic_folder(output_dir) as staging:
+    with atomic_folder(output_dir, "convert_checkpoint", overwrite, {"--input_dir": input_dir}) as staging:
         tensors, seen = {}, {}
         for path in files:
-            for name, tensor in paddle.load(str(path)).items():
+            for name, tensor in load_paddle_file(path).items():
                 out_dtype = dtype or str(tensor.dtype).replace("paddle.", "")
                 array = _to_numpy(tensor, out_dtype)
                 seen[name] = (name, list(array.shape))

@@ -13,10 +13,11 @@ Tokenization follows THUDM's own fine-tuning code for each generation:
   chatglm2  [gMASK] sop "[Round {i}]\n\n问：{q}\n\n答：" answer </s>
   chatglm3  [gMASK] sop <|user|>\n q <|assistant|> \n answer </s>  (role tokens, history as earlier turns)
 Labels are already shifted (labels[i] is the token after input_ids[i]) and are -100 on the prompt and padding;
-that is what PaddleNLP's ChatGLM models expect. Sources longer than `src_length` lose their oldest tokens
-(earliest history first) so the current question and the answer cue survive; answers are cut at
-`tgt_length` and always end with the end-of-answer token.
+that is what PaddleNLP's ChatGLM models expect. Prompts longer than `src_length` lose their oldest turns first,
+then the end of the user's question; the template (round headers, role tokens, answer cue) is never cut. Answers
+are cut at `tgt_length` and always end with the end-of-answer token. Formats count what they cut.
 """
+from errors import GlmTuneError
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class DataFormatError(ValueError):
+class DataFormatError(GlmTuneError):
     """Input data that cannot be used; the message names the file, the line and what to fix."""
 
 
@@ -44,9 +45,32 @@ class Example:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def read_text_file(path, what: str = "data file") -> str:
+    """The text of a UTF-8 file (a byte-order mark, as Notepad writes, is dropped); anything else is a
+    DataFormatError naming the file, the line and how to fix it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder, not a {what}; pass the JSON file itself")
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataFormatError(f"{path} is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                              f"save the {what} as UTF-8") from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataFormatError(f"{path}:{line}: holds NUL bytes, so it is a binary file, not a JSON {what}")
+    return text
+
+
 def iter_json_records(path: Path) -> Iterator[Tuple[int, object]]:
     """(line number, parsed object) for a JSON-lines file or a file holding one JSON list."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     if not text.strip():
         raise DataFormatError(f"{path}: file is empty; expected JSON lines or a JSON list of records")
     if text.lstrip().startswith("["):
@@ -131,8 +155,6 @@ def record_to_example(record, where: str, require_target: bool = True) -> Exampl
 def read_examples(path, skip_bad_records: bool = False, require_target: bool = True) -> List[Example]:
     """All examples in `path` (any supported format). Bad records raise, or are skipped and counted."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
     examples, bad = [], []
     for lineno, record in iter_json_records(path):
         try:
@@ -149,6 +171,11 @@ def read_examples(path, skip_bad_records: bool = False, require_target: bool = T
     if not examples:
         raise DataFormatError(f"{path}: no usable records" + (f" ({len(bad)} skipped as bad)" if bad else ""))
     return examples
+
+
+def check_data_file(path, skip_bad_records: bool = False) -> None:
+    """Read every record of `path` now, so bad data stops a run before any weight is loaded."""
+    read_examples(path, skip_bad_records)
 
 
 def task_file(task_name_or_path, split: str) -> Path:
@@ -173,6 +200,8 @@ class PromptFormat:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.cut_prompts = 0  # prompts shortened to src_length so far (reported by the callers)
+        self.cut_answers = 0  # answers shortened to tgt_length so far
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -188,14 +217,34 @@ class PromptFormat:
     def body_ids(self, query: str, history) -> List[int]:
         raise NotImplementedError
 
+    def _assemble(self, query: str, history) -> List[int]:
+        return self.prefix_ids() + self.body_ids(query, history) + self.suffix_ids()
+
     def prompt_ids(self, query: str, history=(), src_length: int = None) -> List[int]:
-        prefix, body, suffix = self.prefix_ids(), self.body_ids(query, history), self.suffix_ids()
-        if src_length is not None:
-            room = src_length - len(prefix) - len(suffix)
-            if room <= 0:
-                raise ValueError(f"src_length={src_length} leaves no room for the prompt")
-            body = body[-room:]
-        return prefix + body + suffix
+        """The prompt as THUDM's tokenizer builds it. Longer than `src_length`: the oldest turns go first, then
+        the end of the user's question; the template (round headers, role tokens, answer cue) always stays."""
+        ids = self._assemble(query, history)
+        if src_length is None or len(ids) <= src_length:
+            return ids
+        self.cut_prompts += 1
+        history = list(history)
+        while history:
+            history = history[1:]
+            ids = self._assemble(query, history)
+            if len(ids) <= src_length:
+                return ids
+        template = len(self._assemble("", []))
+        if template > src_length:
+            raise DataFormatError(f"--src_length {src_length} cannot hold this generation's prompt template "
+                                  f"({template} tokens); raise --src_length")
+        kept, too_many = 0, len(query)  # the longest start of the question that fits, by bisection
+        while kept < too_many:
+            middle = (kept + too_many + 1) // 2
+            if len(self._assemble(query[:middle], [])) <= src_length:
+                kept = middle
+            else:
+                too_many = middle - 1
+        return self._assemble(query[:kept], [])
 
     def answer_ids(self, answer: str) -> List[int]:
         return self.encode(answer)
@@ -203,7 +252,8 @@ class PromptFormat:
     def target_ids(self, answer: str, tgt_length: int = None) -> List[int]:
         eos = [self.tokenizer.eos_token_id]
         ids = self.answer_ids(answer)
-        if tgt_length is not None:
+        if tgt_length is not None and len(ids) > tgt_length - 1:
+            self.cut_answers += 1
             ids = ids[: max(tgt_length - 1, 0)]
         return ids + eos
 

@@ -8,19 +8,21 @@ OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaul
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paddle
-from paddlenlp.trainer import PdArgumentParser
 
-from argument import DataArgument, ModelArgument
-from glm_family import NotAChatGLMCheckpoint
-from model_loading import (ConfigurationError, apply_lora, load_model, load_tokenizer, resolve_checkpoint,
-                           resolve_generation)
+from argument import DataArgument, ModelArgument, parse_dataclasses, require_flag
+from errors import run_cli
+from model_loading import (ConfigurationError, apply_lora, check_adapter_flags, check_adapter_folders,
+                           check_model_folder, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
+from output_guard import OutputRefused, check_output_dir, read_owner
 from step_model import GenerationStep, cache_shape, input_specs
-from utils import atomic_write_json, quiet_library_logs
+from utils import atomic_folder, atomic_write_json, quiet_library_logs
+
+COMMAND = "export_generation_model"
+DEFAULT_PREFIX = "chatglm"
 
 logger = logging.getLogger("export_generation_model")
 
@@ -31,19 +33,52 @@ class ExportArgument:
         "help": "Folder and file prefix of the exported graph: DIR/PREFIX.json, DIR/PREFIX.pdiparams."})
     dtype: str = field(default="float32", metadata={"help": "Weights and cache dtype: float32, float16 or bfloat16 "
                                                             "(half precision needs a GPU engine)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing folder at --output_path's folder "
+                                                             "that this command did not write (an earlier export "
+                                                             "with the same prefix is replaced without it)."})
+
+    def __post_init__(self):
+        require_flag(self.dtype in ("float32", "float16", "bfloat16"),
+                     f"--dtype {self.dtype!r}: choose float32, float16 or bfloat16")
+
+
+def export_target(output_path: str, model_args, overwrite: bool) -> Path:
+    """DIR/PREFIX from --output_path (DIR/ alone means DIR/chatglm). The folder holds one export only: its
+    config and tokenizer files belong to that export, so a second model with another prefix is refused."""
+    if str(output_path).endswith(("/", "\\")):
+        target = Path(output_path) / DEFAULT_PREFIX
+        logger.info("--output_path %s is a folder: writing %s.json / .pdiparams", output_path, target)
+    elif Path(output_path).is_dir():
+        raise OutputRefused(f"--output_path {output_path} is an existing folder; pass FOLDER/PREFIX (e.g. "
+                            f"{Path(output_path) / DEFAULT_PREFIX}) or end it with / to use the prefix "
+                            f"{DEFAULT_PREFIX}")
+    else:
+        target = Path(output_path)
+    folder = check_output_dir(target.parent, COMMAND, "--output_path's folder",
+                              {"--model_name_or_path": model_args.model_name_or_path,
+                               "--lora_path": model_args.lora_path}, overwrite)
+    owner = read_owner(folder) or {}
+    if owner.get("command") == COMMAND and owner.get("prefix") != target.name and not overwrite:
+        raise OutputRefused(f"{folder} already holds the export {owner.get('prefix')!r}, whose config and tokenizer "
+                            f"files an export {target.name!r} would replace; export into another folder, or pass "
+                            "--overwrite True to replace that export")
+    return target
 
 
 def load_for_export(model_args, dtype: str):
+    check_adapter_flags(model_args)
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    if model_args.prefix_path:
+        raise ConfigurationError("exporting prefix-tuned models is not supported; export the base model or a "
+                                 "LoRA / full fine-tune")
     model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
+    check_model_folder(model_args.model_name_or_path, generation)
+    check_adapter_folders(model_args, generation)
     model = load_model(model_args.model_name_or_path, generation, dtype=dtype, use_cache=True)
     if model_args.lora_path:
         model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path)
         model.merge()  # fold the adapters into the weights: the graph stays the base graph
         model = model.model
-    elif model_args.prefix_path:
-        raise ConfigurationError("exporting prefix-tuned models is not supported; export the base model or a "
-                                 "LoRA / full fine-tune")
     model.eval()
     return generation, model, load_tokenizer(model_args.model_name_or_path, generation)
 
@@ -65,33 +100,33 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args) -> dict:
     }
 
 
-def export(model, generation: str, tokenizer, output_path, dtype: str, data_args) -> Path:
+def export(model, generation: str, tokenizer, output_path, dtype: str, data_args, overwrite: bool = False) -> Path:
+    """Write the step graph, config, tokenizer and description into a staging folder renamed over
+    output_path's folder: a failed export leaves the folder as it was."""
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     step = GenerationStep(model, generation)
     step.eval()
     static = paddle.jit.to_static(step, input_spec=input_specs(model.config, generation, dtype), full_graph=True)
-    paddle.jit.save(static, str(output_path))
-    tokenizer.save_pretrained(str(output_path.parent))
-    model.config.save_pretrained(str(output_path.parent))
-    info = describe(generation, model.config, tokenizer, dtype, data_args)
-    atomic_write_json(output_path.parent / f"{output_path.name}.generation.json", info)
+    with atomic_folder(output_path.parent, COMMAND, overwrite, flag="--output_path's folder",
+                       details={"prefix": output_path.name}) as staging:
+        paddle.jit.save(static, str(staging / output_path.name))
+        tokenizer.save_pretrained(str(staging))
+        model.config.save_pretrained(str(staging))
+        info = describe(generation, model.config, tokenizer, dtype, data_args)
+        atomic_write_json(staging / f"{output_path.name}.generation.json", info)
     return output_path
 
 
 def main(argv=None) -> Path:
-    parser = PdArgumentParser((ModelArgument, DataArgument, ExportArgument))
-    model_args, data_args, export_args = parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, export_args = parse_dataclasses((ModelArgument, DataArgument, ExportArgument), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
+    target = export_target(export_args.output_path, model_args, export_args.overwrite)
     generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
-    out = export(model, generation, tokenizer, export_args.output_path, export_args.dtype, data_args)
+    out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite)
     logger.info("exported %s step graph to %s.json / .pdiparams", generation, out)
     return out
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigurationError, NotAChatGLMCheckpoint) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

@@ -9,44 +9,49 @@
 `python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
 """
 import logging
-import os
-import sys
 
 import paddle
 from paddlenlp.datasets import MapDataset
-from paddlenlp.trainer import PdArgumentParser, get_last_checkpoint, set_seed
+from paddlenlp.trainer import set_seed
 
-from argument import DataArgument, GenerateArgument, GLMTrainingArguments, ModelArgument
-from data import DataFormatError, get_prompt_format, read_examples, task_file, tokenize_example, DataCollator
-from glm_family import NotAChatGLMCheckpoint
+from argument import DataArgument, GenerateArgument, GLMTrainingArguments, ModelArgument, parse_dataclasses
+from data import DataCollator, check_data_file, get_prompt_format, read_examples, task_file, tokenize_example
+from errors import run_cli
 from glm_trainer import (GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback, accuracy_metrics,
                          argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
-from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, check_tensor_parallel,
-                           load_config, load_model, load_tokenizer, resolve_checkpoint,
-                           resolve_generation)
+from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders,
+                           check_lengths, check_model_folder, check_tensor_parallel, load_config, load_model,
+                           load_tokenizer, resolve_checkpoint, resolve_generation)
+from output_guard import write_owner
+from run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir, latest_complete,
+                             run_identity)
 from utils import quiet_library_logs
 
 logger = logging.getLogger("finetune_generation")
 
 
 def parse_arguments(argv=None):
-    parser = PdArgumentParser((ModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+    return parse_dataclasses((ModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments), argv)
 
 
-def validate(model_args, data_args, training_args) -> str:
-    """Every check that needs no weights: returns the generation, raises with the flag to fix."""
-    if model_args.lora and model_args.prefix_tuning:
-        raise ConfigurationError("choose one of --lora True and --prefix_tuning True, not both")
+def validate(model_args, data_args, training_args) -> tuple:
+    """Every check that needs no weights: returns (generation, run identity, output folder state), raises with
+    the flag to fix."""
+    check_adapter_flags(model_args)
+    if training_args.per_device_train_batch_size < 1 or training_args.per_device_eval_batch_size < 1:
+        raise ConfigurationError("--per_device_train_batch_size and --per_device_eval_batch_size must be at least 1")
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    run = run_identity(model_args, data_args, training_args, generation)
+    inputs = {"--model_name_or_path": model_args.model_name_or_path, "--task_name_or_path": data_args.task_name_or_path,
+              "--lora_path": model_args.lora_path, "--prefix_path": model_args.prefix_path}
+    output_state = claim_output_dir(training_args.output_dir, run, inputs, training_args.overwrite_output_dir)
     model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
+    check_model_folder(model_args.model_name_or_path, generation)
     if training_args.do_train:
-        task_file(data_args.task_name_or_path, "train")
+        check_data_file(task_file(data_args.task_name_or_path, "train"), data_args.skip_bad_records)
     if training_args.do_eval:
-        task_file(data_args.task_name_or_path, "dev")
+        check_data_file(task_file(data_args.task_name_or_path, "dev"), data_args.skip_bad_records)
+    check_adapter_folders(model_args, generation)
     config = load_config(model_args.model_name_or_path, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
     degree = training_args.requested_tensor_parallel_degree
@@ -61,7 +66,7 @@ def validate(model_args, data_args, training_args) -> str:
     if training_args.bf16 and training_args.fp16_opt_level == "O2" and on_cpu:
         raise ConfigurationError("--bf16 with --fp16_opt_level O2 (pure bfloat16 weights) has no CPU kernels in "
                                  "Paddle 3.3.1; on CPU use --fp16_opt_level O1 or drop --bf16")
-    return generation
+    return generation, run, output_state
 
 
 def model_dtype(training_args) -> str:
@@ -94,7 +99,9 @@ def build_datasets(data_args, training_args, tokenizer, generation):
         examples = read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records)
         if split == "dev" and data_args.max_eval_samples:
             examples = examples[: data_args.max_eval_samples]
+        fmt.cut_prompts = fmt.cut_answers = 0
         feats = [tokenize_example(fmt, e, data_args.src_length, data_args.tgt_length, is_test) for e in examples]
+        log_cuts(f"{split}.json", len(examples), fmt, data_args)
         return examples, feats
 
     train = MapDataset(features("train")[1]) if training_args.do_train else None
@@ -109,20 +116,34 @@ def build_datasets(data_args, training_args, tokenizer, generation):
     return train, dev, evaluator
 
 
-def resume_checkpoint(training_args):
-    """--resume_from_checkpoint PATH, or auto/true for the last checkpoint-N in output_dir."""
+def log_cuts(what: str, total: int, fmt, data_args) -> None:
+    if fmt.cut_prompts or fmt.cut_answers:
+        logger.info("%s: cut %d of %d prompts to --src_length %d (template kept, the question's end dropped) and "
+                    "%d answers to --tgt_length %d", what, fmt.cut_prompts, total, data_args.src_length,
+                    fmt.cut_answers, data_args.tgt_length)
+
+
+def resume_checkpoint(training_args, output_state: str = "same_run"):
+    """--resume_from_checkpoint PATH, or auto/true for the newest complete checkpoint-N of this run in
+    output_dir (half-written ones are skipped and named; another run's are never taken)."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
-    if str(value).lower() in ("auto", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s, starting fresh", value,
-                           training_args.output_dir)
-        return last
-    if not os.path.isdir(value):
-        raise ConfigurationError(f"--resume_from_checkpoint {value} is not a folder")
-    return value
+    if str(value).lower() not in ("auto", "true"):
+        return str(check_resumable(value))
+    found, skipped = latest_complete(training_args.output_dir) if output_state == "same_run" else (None, [])
+    for folder, reason in skipped:
+        logger.warning("--resume_from_checkpoint %s: skipping %s: %s", value, folder, reason)
+    if found is None:
+        logger.warning("--resume_from_checkpoint %s: no complete checkpoint of this run in %s, starting fresh",
+                       value, training_args.output_dir)
+        return None
+    if 0 < training_args.max_steps < checkpoint_step(found):
+        raise ConfigurationError(
+            f"--resume_from_checkpoint {value}: the newest checkpoint {found} is at step {checkpoint_step(found)}, "
+            f"past --max_steps {training_args.max_steps}; raise --max_steps or use another --output_dir")
+    logger.info("resuming from %s", found)
+    return str(found)
 
 
 def main(argv=None):
@@ -130,7 +151,7 @@ def main(argv=None):
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
-    generation = validate(model_args, data_args, training_args)
+    generation, run, output_state = validate(model_args, data_args, training_args)
     if training_args.tensor_parallel_degree > 1:
         import tp_cpu_compat
 
@@ -138,10 +159,12 @@ def main(argv=None):
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():
-        return train_and_evaluate(model_args, data_args, training_args, generation)
+        return train_and_evaluate(model_args, data_args, training_args, generation, run, output_state)
 
 
-def train_and_evaluate(model_args, data_args, training_args, generation):
+def train_and_evaluate(model_args, data_args, training_args, generation, run=None, output_state="new"):
+    if training_args.process_index == 0:
+        write_owner(training_args.output_dir, COMMAND, run=run)
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
@@ -163,7 +186,7 @@ def train_and_evaluate(model_args, data_args, training_args, generation):
 
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, output_state))
         trainer.save_model()
         trainer.save_state()
         metrics.update(result.metrics)
@@ -179,7 +202,4 @@ def train_and_evaluate(model_args, data_args, training_args, generation):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigurationError, DataFormatError, NotAChatGLMCheckpoint) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

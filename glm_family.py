@@ -6,6 +6,7 @@ ChatGLM2's architecture and tokenizer class, so it is told apart by the marker t
 (`chatglm_generation` in config.json) or, for folders from elsewhere, by THUDM's own hints (PaddleNLP #8556 is
 the bug this avoids: a ChatGLM3 folder served with ChatGLM2's prompt format).
 """
+from errors import GlmTuneError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 GENERATION_KEY = "chatglm_generation"
 
 
-class NotAChatGLMCheckpoint(ValueError):
+class NotAChatGLMCheckpoint(GlmTuneError):
     """The folder given as a model is not a ChatGLM checkpoint this suite can load."""
 
 
@@ -63,15 +64,16 @@ def get_generation(name: str) -> Generation:
     try:
         return GENERATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown model type {name!r}; choose one of {sorted(GENERATIONS)}") from None
+        raise NotAChatGLMCheckpoint(f"unknown model type {name!r}; choose one of {sorted(GENERATIONS)}") from None
 
 
 def _read_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
-    except json.JSONDecodeError as err:
-        raise NotAChatGLMCheckpoint(f"{path} is not valid JSON: {err}") from None
+    except (ValueError, OSError) as err:
+        raise NotAChatGLMCheckpoint(f"{path} is not valid JSON text ({err}); restore it from the checkpoint's "
+                                    "download") from None
 
 
 def detect_generation(model_dir) -> str:
@@ -79,6 +81,12 @@ def detect_generation(model_dir) -> str:
 
     Raises NotAChatGLMCheckpoint, saying what is missing, for anything else.
     """
+    return detect_generation_verdict(model_dir)[0]
+
+
+def detect_generation_verdict(model_dir) -> tuple:
+    """(generation, certain): certain is False only for a ChatGLM2-architecture folder with no sign of being
+    ChatGLM3 either way (no marker, no ChatGLM3 name, role tokens or rope_ratio), which is read as ChatGLM2."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -87,8 +95,10 @@ def detect_generation(model_dir) -> str:
             "(config.json, weights and tokenizer), e.g. one written by tools/make_tiny_model.py"
         )
     config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise NotAChatGLMCheckpoint(f"{config_path} holds a {type(config).__name__}, not a JSON object")
     if config.get(GENERATION_KEY) in GENERATIONS:
-        return config[GENERATION_KEY]
+        return config[GENERATION_KEY], True
     model_type = config.get("model_type")
     v2_style = model_type == "chatglm_v2" or "multi_query_group_num" in config or "padded_vocab_size" in config
     if model_type not in ("chatglm", "chatglm_v2"):
@@ -96,12 +106,12 @@ def detect_generation(model_dir) -> str:
             f"{config_path} has model_type={model_type!r}; expected a ChatGLM checkpoint (chatglm or chatglm_v2)"
         )
     if not v2_style:
-        return "chatglm"
+        return "chatglm", True
     hints = " ".join(str(config.get(k, "")) for k in ("_name_or_path", "name_or_path")) + " " + model_dir.name
     tok_config = model_dir / "tokenizer_config.json"
     if tok_config.is_file():
         hints += " " + json.dumps(_read_json(tok_config), ensure_ascii=False)
     # ChatGLM3's names and chat template carry "chatglm3" or its role tokens; ChatGLM2's never do.
     if "chatglm3" in hints.lower() or "<|user|>" in hints or config.get("rope_ratio") is not None:
-        return "chatglm3"
-    return "chatglm2"
+        return "chatglm3", True
+    return "chatglm2", "chatglm2" in hints.lower()

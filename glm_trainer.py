@@ -10,6 +10,7 @@ from paddlenlp.trainer import Trainer, TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
 from generation import decode_answer, generate_ids
+from run_checkpoints import mark_complete
 from utils import atomic_write_json, compute_metrics, token_accuracy
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,17 @@ class GLMTrainer(Trainer):
         # ChatGLM-6B's forward returns a tuple holding a None cache unless asked for a dict, and PaddleNLP's
         # prediction_step cannot detach None; a model output drops None fields.
         return super().prediction_step(model, {**inputs, "return_dict": True}, prediction_loss_only, ignore_keys)
+
+    def _save_checkpoint(self, model, metrics=None):
+        """PaddleNLP's save, then the completion marker, written last and once every rank has saved: a
+        checkpoint without it (a save cut short by kill -9 or a full disk) is never resumed from."""
+        super()._save_checkpoint(model, metrics)
+        if self.args.world_size > 1:
+            import paddle
+
+            paddle.distributed.barrier()
+        if self.args.process_index == 0:
+            mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
 
     def _get_train_sampler(self):
         if self.train_dataset is None:

@@ -109,7 +109,7 @@ def build_glm_model(chatglm_tensors: dict, hf_chatglm_config: dict):
     return model.eval()
 
 
-def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB"):
+def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwrite: bool = False):
     """Write a THUDM ChatGLM2/3 Hugging Face folder as a transformers GLM folder (GlmForCausalLM weights and
     config, the SentencePiece tokenizer for qlora/glm_tokenizer.py), staged and renamed into place."""
     import json
@@ -130,7 +130,7 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB"):
         tensors.update(glm_state_dict({name: weights.get(name)}, config))
     glm_config = {**glm_config_dict(config), "model_type": "glm", "architectures": ["GlmForCausalLM"],
                   "torch_dtype": config.get("torch_dtype", "float32"), GENERATION_KEY: generation}
-    with atomic_folder(output_dir) as staging:
+    with atomic_folder(output_dir, "convert_checkpoint", overwrite, {"--input_dir": hf_chatglm_dir}) as staging:
         write_safetensors_shards(tensors, staging, max_shard_size)
         (staging / "config.json").write_text(json.dumps(glm_config, indent=2), encoding="utf-8")
         shutil.copy2(hf_chatglm_dir / "tokenizer.model", staging / "tokenizer.model")

@@ -10,13 +10,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from paddlenlp.trainer import PdArgumentParser
-
-from argument import GenerateArgument, PredictArgument
-from data import DataFormatError, Example
+from argument import GenerateArgument, PredictArgument, require_flag, parse_dataclasses
+from data import Example
+from errors import one_line, run_cli
 from glm_family import get_generation
-from inference_engine import EngineError, create_engine, read_description
-from predictor import StepEnginePredictor, load_prompts, report_predictions
+from inference_engine import check_export_folder, create_engine, read_description
+from predictor import StepEnginePredictor, check_predictions_target, load_prompts, report_predictions
 from step_model import StepFeeds
 from utils import quiet_library_logs
 
@@ -35,30 +34,46 @@ class InferArgument:
     interactive: bool = field(default=False, metadata={"help": "Read prompts from stdin, one per line, and answer "
                                                                "each (keeps the conversation as history)."})
 
+    def __post_init__(self):
+        require_flag(self.threads >= 1, f"--threads {self.threads} must be at least 1")
+        require_flag(self.src_length is None or self.src_length > 2,
+               f"--src_length {self.src_length} must exceed 2 (omit it for the export's default)")
+        require_flag(self.tgt_length is None or self.tgt_length >= 1,
+               f"--tgt_length {self.tgt_length} must be at least 1 (omit it for the export's default)")
+
 
 def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     info = read_description(infer_args.model_path, infer_args.model_prefix)
     generation = info["generation"]
-    _, _, tokenizer_class = get_generation(generation).classes()
+    check_export_folder(infer_args.model_path, infer_args.model_prefix, generation)
+    config_class, _, tokenizer_class = get_generation(generation).classes()
     tokenizer = tokenizer_class.from_pretrained(infer_args.model_path)
-    config_class, _, _ = get_generation(generation).classes()
     config = config_class.from_pretrained(infer_args.model_path)
     engine = create_engine(infer_args.backend, infer_args.model_path, infer_args.model_prefix, infer_args.threads)
     defaults = info["defaults"]
+    src_length = defaults["src_length"] if infer_args.src_length is None else infer_args.src_length
+    max_new_tokens = defaults["max_new_tokens"] if infer_args.tgt_length is None else infer_args.tgt_length
     return StepEnginePredictor(
         engine, StepFeeds(tokenizer, generation, config, info["dtype"]), tokenizer, generation,
-        src_length=infer_args.src_length or defaults["src_length"],
-        max_new_tokens=infer_args.tgt_length or defaults["max_new_tokens"], batch_size=predict_args.batch_size,
+        src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,
         decode_strategy=gen_args.decode_strategy, top_k=gen_args.top_k, top_p=gen_args.top_p,
         temperature=gen_args.temperature, seed=predict_args.seed)
 
 
-def chat(predictor, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    """One answer per input line; 'clear' forgets the conversation, 'exit' or end of input stops."""
+def chat(predictor, stdin=None, stdout=sys.stdout) -> None:
+    """One answer per input line; 'clear' forgets the conversation, 'exit' or end of input stops. A line that
+    is not UTF-8 is answered with a one-line error and the conversation goes on."""
+    stdin = sys.stdin.buffer if stdin is None else stdin
     history = []
     stdout.write("prompt (clear: new conversation, exit: quit)> ")
     stdout.flush()
-    for line in stdin:
+    for number, raw in enumerate(stdin, start=1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as err:
+            stdout.write(f"error: input line {number} is not UTF-8 text ({one_line(err)}); type it again\nprompt> ")
+            stdout.flush()
+            continue
         query = line.strip()
         if query in ("exit", "quit"):
             break
@@ -73,26 +88,24 @@ def chat(predictor, stdin=sys.stdin, stdout=sys.stdout) -> None:
 
 
 def parse_arguments(argv=None):
-    parser = PdArgumentParser((InferArgument, GenerateArgument, PredictArgument))
-    return parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    return parse_dataclasses((InferArgument, GenerateArgument, PredictArgument), argv)
 
 
 def main(argv=None):
     infer_args, gen_args, predict_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
+    check_predictions_target(predict_args.output_file, predict_args.overwrite,
+                             {"--data_file": predict_args.data_file, "--model_path": infer_args.model_path})
+    examples = None if infer_args.interactive else load_prompts(predict_args.data_file)
     predictor = build_predictor(infer_args, gen_args, predict_args)
     if infer_args.interactive:
         chat(predictor)
         return None
-    examples = load_prompts(predict_args.data_file)
     outputs = predictor.predict(examples)
     report_predictions(examples, outputs, predict_args.output_file)
     return outputs
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (EngineError, DataFormatError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

@@ -1,19 +1,58 @@
 """Engines that run an exported step graph: Paddle Inference's C++ predictor (the engine FastDeploy's Paddle
 backend wraps) and, where its runtime is installed, FastDeploy. Each is a callable feeds -> (logits, k, v)."""
 import json
+
+from errors import GlmTuneError, one_line
 from pathlib import Path
 
 
-class EngineError(RuntimeError):
+class EngineError(GlmTuneError):
     """The exported model or the requested backend cannot be used; the message says what to do."""
 
 
+DESCRIPTION_KEYS = ("generation", "dtype", "defaults")
+
+
 def read_description(model_path, model_prefix: str) -> dict:
-    path = Path(model_path) / f"{model_prefix}.generation.json"
+    """PREFIX.generation.json of an export: what the graph holds and its generation defaults."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise EngineError(f"--model_path {model_path} is not a folder; pass the folder export_generation_model.py "
+                          "wrote (the folder part of its --output_path)")
+    path = folder / f"{model_prefix}.generation.json"
     if not path.is_file():
-        raise EngineError(f"{path} not found: export the model first with export_generation_model.py "
-                          f"--output_path {Path(model_path) / model_prefix}")
-    return json.loads(path.read_text(encoding="utf-8"))
+        found = sorted(p.name[:-len(".generation.json")] for p in folder.glob("*.generation.json"))
+        hint = f" (this folder holds --model_prefix {', '.join(found)})" if found else ""
+        raise EngineError(f"{path} not found{hint}: export the model first with export_generation_model.py "
+                          f"--output_path {folder / model_prefix}")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+        missing = [k for k in DESCRIPTION_KEYS if k not in info]
+        defaults = info["defaults"] if not missing else {}
+        missing += [f"defaults.{k}" for k in ("src_length", "max_new_tokens") if k not in defaults]
+    except (ValueError, TypeError, OSError) as err:
+        raise EngineError(f"{path} is not a valid export description ({one_line(err)[:80]}); export the model "
+                          "again") from None
+    if missing:
+        raise EngineError(f"{path} lacks {', '.join(missing)}; export the model again")
+    return info
+
+
+def check_export_folder(model_path, model_prefix: str, generation: str) -> None:
+    """The graph, its weights and the tokenizer are all there before the engine is built."""
+    from model_loading import check_tokenizer_file
+
+    base = Path(model_path) / model_prefix
+    for suffix, what in ((".json", "graph"), (".pdiparams", "weights")):
+        if not Path(f"{base}{suffix}").is_file():
+            raise EngineError(f"{base}{suffix} (the exported {what}) is missing; export the model again with "
+                              f"export_generation_model.py --output_path {base}")
+    if not (Path(model_path) / "config.json").is_file():
+        raise EngineError(f"{model_path} has no config.json; export the model again")
+    try:
+        check_tokenizer_file(model_path, generation)
+    except GlmTuneError as err:
+        raise EngineError(f"{err} (or export the model again)") from None
 
 
 class PaddleInferenceEngine:
@@ -22,7 +61,7 @@ class PaddleInferenceEngine:
     def __init__(self, model_path, model_prefix: str, threads: int = 2, enable_mkldnn: bool = False):
         from paddle import inference
 
-        base = Path(model_path) / model_prefix
+        base = self.base = Path(model_path) / model_prefix
         config = inference.Config(f"{base}.json", f"{base}.pdiparams")
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(threads)
@@ -33,7 +72,10 @@ class PaddleInferenceEngine:
         else:
             config.disable_mkldnn()
         config.switch_ir_optim(True)
-        self.predictor = inference.create_predictor(config)
+        try:
+            self.predictor = inference.create_predictor(config)
+        except (RuntimeError, ValueError, OSError, MemoryError) as err:
+            raise EngineError(unloadable(base, err)) from None
         self.inputs = {n: self.predictor.get_input_handle(n) for n in self.predictor.get_input_names()}
         self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
 
@@ -42,8 +84,19 @@ class PaddleInferenceEngine:
             array = feeds[name]
             handle.reshape(array.shape)
             handle.copy_from_cpu(array)
-        self.predictor.run()
+        try:
+            self.predictor.run()
+        except (RuntimeError, ValueError, MemoryError) as err:
+            raise EngineError(unloadable(self.base, err)) from None
         return tuple(h.copy_to_cpu() for h in self.outputs)
+
+
+def unloadable(base, err) -> str:
+    """One line for an engine that refuses the exported files (truncated, garbage or another model's weights)."""
+    detail = next((line.strip() for line in str(err).splitlines() if "Error" in line or "error" in line),
+                  one_line(err))
+    return (f"Paddle Inference cannot run {base}.json with {base}.pdiparams ({detail[:160]}): the files are "
+            "truncated, damaged or from different exports; export the model again")
 
 
 class FastDeployEngine:

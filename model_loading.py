@@ -2,10 +2,12 @@
 
 Every check here runs before weights are read, so a wrong flag costs seconds, not a model load.
 """
+from errors import GlmTuneError, one_line
 import logging
+import pickle
 from pathlib import Path
 
-from glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation, get_generation
+from glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation_verdict, get_generation
 
 logger = logging.getLogger(__name__)
 
@@ -13,7 +15,7 @@ logger = logging.getLogger(__name__)
 _NAME_HINTS = (("chatglm3", "chatglm3"), ("chatglm2", "chatglm2"), ("chatglm-6b", "chatglm"))
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(GlmTuneError):
     """Flags that cannot work with this model; the message says which flag to change and to what."""
 
 
@@ -41,21 +43,35 @@ def resolve_checkpoint(model_name_or_path: str, model_type: str = None) -> str:
     target = converted_cache_dir(Path(model_name_or_path))
     if not (target / "config.json").is_file():
         logger.info("%s is a Hugging Face checkpoint: converting it to Paddle in %s", model_name_or_path, target)
-        convert_hf_to_paddle(model_name_or_path, target, model_type, replace=False)
+        convert_hf_to_paddle(model_name_or_path, target, model_type, replace=False, overwrite=True)
     else:
         logger.info("%s is a Hugging Face checkpoint: using its Paddle conversion in %s", model_name_or_path, target)
     return str(target)
 
 
 def resolve_generation(model_name_or_path: str, model_type: str = None) -> str:
-    """The generation to use: --model_type if given, else read from the folder, else from a PaddleNLP name."""
-    if model_type:
-        return get_generation(model_type).name
+    """The generation of the folder (or of a PaddleNLP name). --model_type may only confirm it, or settle
+    ChatGLM2 vs ChatGLM3 for a folder that carries no sign of either; a contradiction is refused (training a
+    ChatGLM2 folder with ChatGLM3 prompts, or the reverse, gives a model that answers neither way)."""
+    asked = get_generation(model_type).name if model_type else None
     if not model_name_or_path:
         raise ConfigurationError("--model_name_or_path is required (a ChatGLM checkpoint folder)")
     path = Path(model_name_or_path)
+    if path.is_file():
+        raise ConfigurationError(f"--model_name_or_path {path} is a file; pass the checkpoint folder that holds "
+                                 "config.json, the weights and tokenizer.model")
     if path.exists():
-        return detect_generation(path)
+        detected, certain = detect_generation_verdict(path)
+        if asked is None or asked == detected:
+            return detected
+        if not certain and {asked, detected} == {"chatglm2", "chatglm3"}:
+            logger.info("%s carries no ChatGLM2/ChatGLM3 marker: using %s as --model_type says", path, asked)
+            return asked
+        raise ConfigurationError(
+            f"--model_type {model_type} does not match {path}, which holds a {detected} checkpoint; drop "
+            f"--model_type (it is read from the folder) or pass --model_type {detected}")
+    if asked:
+        return asked
     lowered = model_name_or_path.lower()
     for hint, name in _NAME_HINTS:
         if hint in lowered:
@@ -64,6 +80,110 @@ def resolve_generation(model_name_or_path: str, model_type: str = None) -> str:
         f"{model_name_or_path} is neither a folder nor a known ChatGLM name; pass a checkpoint folder or one of "
         "THUDM/chatglm-6b, THUDM/chatglm2-6b, THUDM/chatglm3-6b"
     )
+
+
+# Config keys without which PaddleNLP silently builds its default 6B shape (and the weights then fail to load).
+_REQUIRED_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+_WEIGHT_FILES = ("model_state.pdparams", "model_state.pdparams.index.json", "model.safetensors",
+                 "model.safetensors.index.json")
+
+
+def check_model_folder(model_dir, generation: str) -> None:
+    """A Paddle-layout checkpoint folder has a usable config, tokenizer and weights; checked before loading so a
+    broken download is named in one line instead of a traceback from deep inside PaddleNLP."""
+    import json
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return  # a PaddleNLP community name: PaddleNLP resolves it
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigurationError(f"{folder / 'config.json'} cannot be read ({err}); restore it from the "
+                                 "checkpoint's download") from None
+    missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in config and not (k == "num_hidden_layers" and "num_layers"
+                                                                            in config)]
+    if missing:
+        raise ConfigurationError(f"{folder / 'config.json'} lacks {', '.join(missing)}: it does not describe the "
+                                 "model; restore the checkpoint's own config.json")
+    check_tokenizer_file(folder, generation)
+    has_weights = any((folder / n).is_file() for n in _WEIGHT_FILES) or any(folder.glob("model_state.tp*.pdparams"))
+    if not has_weights:
+        raise ConfigurationError(f"{folder} has no weights (model_state.pdparams); pass a complete checkpoint "
+                                 "folder, or convert a Hugging Face one with tools/convert_checkpoint.py")
+
+
+def check_tokenizer_file(folder, generation: str) -> None:
+    """The generation's SentencePiece file is present and loads."""
+    import sentencepiece as spm
+
+    vocab = Path(folder) / get_generation(generation).vocab_file
+    if not vocab.is_file():
+        raise ConfigurationError(f"{folder} has no {vocab.name} (the tokenizer); copy it from the checkpoint's "
+                                 "download into the folder")
+    try:
+        spm.SentencePieceProcessor(model_file=str(vocab))
+    except (RuntimeError, OSError) as err:
+        raise ConfigurationError(f"{vocab} is not a SentencePiece model ({one_line(err)[:120]}); copy the "
+                                 "checkpoint's own tokenizer file") from None
+
+
+def check_adapter_flags(model_args) -> None:
+    if model_args.lora and model_args.prefix_tuning:
+        raise ConfigurationError("choose one of --lora True and --prefix_tuning True, not both")
+    if model_args.lora_path and model_args.prefix_path:
+        raise ConfigurationError("--lora_path and --prefix_path cannot be combined (only one adapter is applied); "
+                                 "pass one of them")
+
+
+ADAPTER_FILES = {"lora_path": ("lora_config.json", "lora_model_state"),
+                 "prefix_path": ("prefix_config.json", "prefix_model_state")}
+
+
+def check_adapter_folders(model_args, generation: str) -> None:
+    """--lora_path / --prefix_path is an adapter folder trained on this generation."""
+    from output_guard import read_owner
+
+    for flag, (config_name, weights_stem) in ADAPTER_FILES.items():
+        path = getattr(model_args, flag)
+        if not path:
+            continue
+        folder = Path(path)
+        kind = flag.split("_")[0]
+        if not folder.is_dir():
+            raise ConfigurationError(f"--{flag} {path} is not a folder; pass the --output_dir of a {kind} "
+                                     f"fine-tune (it holds {config_name})")
+        if not (folder / config_name).is_file() or not list(folder.glob(f"{weights_stem}*")):
+            raise ConfigurationError(f"--{flag} {path} is not a {kind} folder (no {config_name} and "
+                                     f"{weights_stem}.pdparams); pass the --output_dir of a finetune_generation.py "
+                                     f"run with --{kind if kind == 'lora' else 'prefix_tuning'} True")
+        trained_on = ((read_owner(folder) or {}).get("run") or {}).get("generation")
+        if trained_on and trained_on != generation:
+            raise ConfigurationError(f"--{flag} {path} was trained on a {trained_on} model but "
+                                     f"--model_name_or_path is a {generation} checkpoint; pass the base it was "
+                                     "trained from")
+
+
+def check_adapter_matches(adapter_model, path, weights_stem: str) -> None:
+    """Every tensor of the adapter file has a place of the same shape in the wrapped model (PaddleNLP skips
+    unmatched tensors without a word, so a LoRA of another model would leave the base model unchanged)."""
+    import paddle
+
+    files = sorted(Path(path).glob(f"{weights_stem}*.pdparams"))
+    if not files:
+        return
+    saved = paddle.load(str(files[0]), return_numpy=True)
+    own = {n: list(p.shape) for n, p in adapter_model.model.state_dict().items()}
+    foreign = [n for n in saved if n not in own]
+    if foreign or not saved:
+        raise ConfigurationError(f"{path} does not fit this base model: {len(foreign)} of its {len(saved)} tensors "
+                                 f"have no place in it (e.g. {foreign[:1]}); pass the base it was trained from")
+    if len(files) == 1 and not Path(files[0]).name.count(".tp"):
+        wrong = [n for n in saved if list(saved[n].shape) != own[n]]
+        if wrong:
+            raise ConfigurationError(f"{path} does not fit this base model: {wrong[0]} is {list(saved[wrong[0]].shape)}"
+                                     f" in the adapter but {own[wrong[0]]} in the model; pass the base it was "
+                                     "trained from")
 
 
 def load_config(model_name_or_path: str, generation: str, **overrides):
@@ -119,7 +239,11 @@ def load_model(model_name_or_path: str, generation: str, dtype: str = "float32",
     config = load_config(model_name_or_path, generation, tensor_parallel_degree=tensor_parallel_degree,
                          tensor_parallel_rank=tensor_parallel_rank, tensor_parallel_output=False,
                          **config_overrides)
-    model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+    try:
+        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+    except (EOFError, pickle.UnpicklingError, UnicodeDecodeError, MemoryError) as err:
+        raise ConfigurationError(f"the weights in {model_name_or_path} cannot be read ({one_line(err)[:100]}): the "
+                                 "file is truncated or not a Paddle checkpoint; save or download it again") from None
     apply_rope_ratio(model)
     return model
 
@@ -173,7 +297,9 @@ def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = N
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
     if lora_path:
-        return LoRAModel.from_pretrained(model=model, lora_path=lora_path)
+        model = LoRAModel.from_pretrained(model=model, lora_path=lora_path)
+        check_adapter_matches(model, lora_path, "lora_model_state")
+        return model
     config = LoRAConfig(
         target_modules=list(GENERATIONS[generation].lora_target_modules),
         r=rank,

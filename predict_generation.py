@@ -8,26 +8,34 @@
         --merge_tensor_parallel_path ./checkpoints/merged
 """
 import logging
-import sys
 
 import paddle
-from paddlenlp.trainer import PdArgumentParser
 
-from argument import DataArgument, GenerateArgument, ModelArgument, PredictArgument
-from data import DataFormatError
-from glm_family import NotAChatGLMCheckpoint
-from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_lengths, load_config, load_model,
-                           load_tokenizer, resolve_checkpoint, resolve_generation)
-from predictor import DygraphPredictor, load_prompts, report_predictions
-from tp_merge import ShardMergeError, merge_tp_shards
+from argument import DataArgument, GenerateArgument, ModelArgument, PredictArgument, parse_dataclasses
+from errors import run_cli
+from model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders, check_lengths,
+                           check_model_folder, load_config, load_model, load_tokenizer, resolve_checkpoint,
+                           resolve_generation)
+from output_guard import check_output_dir
+from predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
+from tp_merge import MERGE_COMMAND, merge_tp_shards
 from utils import quiet_library_logs
 
 logger = logging.getLogger("predict_generation")
 
 
 def parse_arguments(argv=None):
-    parser = PdArgumentParser((ModelArgument, DataArgument, GenerateArgument, PredictArgument))
-    return parser.parse_args_into_dataclasses(sys.argv[1:] if argv is None else argv)
+    return parse_dataclasses((ModelArgument, DataArgument, GenerateArgument, PredictArgument), argv)
+
+
+def check_outputs(model_args, predict_args) -> None:
+    """Where this run will write, checked before any model is loaded."""
+    check_predictions_target(predict_args.output_file, predict_args.overwrite,
+                             {"--data_file": predict_args.data_file, "--model_name_or_path": model_args.model_name_or_path,
+                              "--lora_path": model_args.lora_path, "--prefix_path": model_args.prefix_path})
+    if predict_args.merge_tensor_parallel_path:
+        check_output_dir(predict_args.merge_tensor_parallel_path, MERGE_COMMAND, "--merge_tensor_parallel_path",
+                         {"--model_name_or_path": model_args.model_name_or_path}, predict_args.overwrite)
 
 
 def init_tensor_parallel() -> tuple:
@@ -47,8 +55,11 @@ def init_tensor_parallel() -> tuple:
 
 
 def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, rank=0) -> DygraphPredictor:
+    check_adapter_flags(model_args)
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
     model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
+    check_model_folder(model_args.model_name_or_path, generation)
+    check_adapter_folders(model_args, generation)
     check_lengths(load_config(model_args.model_name_or_path, generation), data_args.src_length, data_args.tgt_length)
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,
@@ -68,6 +79,7 @@ def main(argv=None):
     model_args, data_args, gen_args, predict_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
+    check_outputs(model_args, predict_args)
     examples = load_prompts(predict_args.data_file)
     degree, rank = init_tensor_parallel()
     predictor = build_predictor(model_args, data_args, gen_args, predict_args, degree, rank)
@@ -75,7 +87,8 @@ def main(argv=None):
     if rank == 0:
         report_predictions(examples, outputs, predict_args.output_file)
         if predict_args.merge_tensor_parallel_path:
-            merged = merge_tp_shards(model_args.model_name_or_path, predict_args.merge_tensor_parallel_path)
+            merged = merge_tp_shards(model_args.model_name_or_path, predict_args.merge_tensor_parallel_path,
+                                     predict_args.overwrite, "--merge_tensor_parallel_path")
             logger.info("merged %d shards into %s", degree, merged)
     if degree > 1:
         paddle.distributed.barrier()
@@ -83,7 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigurationError, DataFormatError, NotAChatGLMCheckpoint, ShardMergeError) as err:
-        sys.exit(f"error: {err}")
+    run_cli(main)

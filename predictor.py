@@ -27,7 +27,12 @@ class BasePredictor:
         self.seed = seed
 
     def _preprocess(self, examples: List[Example]) -> List[List[int]]:
-        return [self.format.prompt_ids(e.src, e.history, self.src_length) for e in examples]
+        self.format.cut_prompts = 0
+        prompts = [self.format.prompt_ids(e.src, e.history, self.src_length) for e in examples]
+        if self.format.cut_prompts:
+            logger.info("cut %d of %d prompts to --src_length %d (template kept, the question's end dropped)",
+                        self.format.cut_prompts, len(prompts), self.src_length)
+        return prompts
 
     def _infer(self, prompts: List[List[int]]) -> List[List[int]]:
         raise NotImplementedError
@@ -125,6 +130,24 @@ def write_predictions(path, examples: List[Example], outputs: List[str]) -> None
 
     lines = [json.dumps({"prompt": e.src, "output": o}, ensure_ascii=False) + "\n" for e, o in zip(examples, outputs)]
     atomic_write_text(Path(path), "".join(lines))
+
+
+def is_predictions_file(path) -> bool:
+    """True for a file `write_predictions` wrote: JSON lines of exactly {"prompt", "output"} (so predict and
+    infer may replace their own earlier output, and nothing else, without --overwrite)."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return all(set(json.loads(line)) == {"prompt", "output"} for line in lines)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_predictions_target(output_file, overwrite: bool, inputs: dict) -> None:
+    """Refuse an --output_file that is an input, a folder, or a file this command did not write."""
+    from output_guard import check_output_file
+
+    if output_file:
+        check_output_file(output_file, "--output_file", inputs, overwrite, is_predictions_file)
 
 
 def load_prompts(data_file: str = None) -> List[Example]:

@@ -14,20 +14,47 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from errors import GlmTuneError
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 TAGS = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
+class SafetensorsError(GlmTuneError):
+    """A safetensors file that is truncated or not safetensors; the message names the file and the tensor."""
+
+
 class SafetensorsReader:
     def __init__(self, path):
         self.path = Path(path)
+        size = self.path.stat().st_size
+        advice = "the file is truncated or damaged; download it again"
         with open(self.path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        self.metadata = header.pop("__metadata__", {}) or {}
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path} has {size} bytes, too few for a safetensors header; {advice}")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise SafetensorsError(f"{self.path}: its header claims {length} bytes but the file has {size}; "
+                                       f"{advice}")
+            try:
+                header = json.loads(f.read(length))
+                self.metadata = header.pop("__metadata__", {}) or {}
+            except (ValueError, AttributeError) as err:
+                raise SafetensorsError(f"{self.path} is not a safetensors file (header: {err}); {advice}") from None
         self.header = header
         self.data_start = 8 + length
+        present = size - self.data_start
+        for name, info in header.items():
+            try:
+                start, end = info["data_offsets"]
+                DTYPES[info["dtype"]]
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{self.path}: tensor {name} has a malformed header entry; {advice}") from None
+            if end > present or start > end:
+                raise SafetensorsError(f"{self.path}: tensor {name} needs bytes {start}..{end} of the data but "
+                                       f"only {present} are present; {advice}")
         self._file = open(self.path, "rb")
 
     def keys(self):
@@ -45,7 +72,11 @@ class SafetensorsReader:
         raw = bytearray(end - start)
         view, done = memoryview(raw), 0
         while done < len(raw):
-            done += os.preadv(self._file.fileno(), [view[done:]], self.data_start + start + done)
+            read = os.preadv(self._file.fileno(), [view[done:]], self.data_start + start + done)
+            if read == 0:  # the file shrank since it was opened
+                raise SafetensorsError(f"{self.path}: tensor {name} ends after {done} of {len(raw)} bytes; "
+                                       "the file is truncated; download it again")
+            done += read
         return np.frombuffer(raw, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def close(self):

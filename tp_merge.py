@@ -6,6 +6,7 @@ against the single-process model built from the same config. The output folder i
 renamed into place, so a refused or failed merge leaves the target as it was (PaddleNLP #6137 is what happens when a
 merged file silently misses tensors).
 """
+from errors import GlmTuneError
 import json
 import re
 import shutil
@@ -14,14 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from glm_family import detect_generation, get_generation
+from output_guard import check_output_dir
 from utils import atomic_folder
 
+MERGE_COMMAND = "merge_tp_shards"  # offline and under the launcher: one kind of output
 SHARD_PATTERN = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "ice_text.model",
                    "added_tokens.json", "generation_config.json")
 
 
-class ShardMergeError(ValueError):
+class ShardMergeError(GlmTuneError):
     """The shards cannot be merged into the model their config describes; nothing was written."""
 
 
@@ -72,23 +75,35 @@ def check_shapes(merged: dict, expected: dict) -> None:
                                         [f"unexpected {unknown}"] * bool(unknown)))
 
 
-def merge_tp_shards(checkpoint_dir, output_dir) -> Path:
+def merge_tp_shards(checkpoint_dir, output_dir, overwrite: bool = False, flag: str = "output_dir") -> Path:
     """Merge the shards in `checkpoint_dir` into a single-shard checkpoint (weights, config, tokenizer) at
     `output_dir`. Raises ShardMergeError before writing anything when the shards do not fit the config."""
     import paddle
 
+    from checkpoint_convert import ConversionError, load_paddle_file
+
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if not checkpoint_dir.is_dir():
+        raise ShardMergeError(f"{checkpoint_dir} is not a folder; pass the checkpoint folder holding "
+                              "model_state.tp0K.pdparams and config.json")
     generation = detect_generation(checkpoint_dir)
     config_class, _, _ = get_generation(generation).classes()
     config = config_class.from_pretrained(str(checkpoint_dir))
     degree = int(getattr(config, "tensor_parallel_degree", 1) or 1)
     if degree <= 1:
         raise ShardMergeError(f"{checkpoint_dir}/config.json has tensor_parallel_degree={degree}: nothing to merge")
-    shards = [paddle.load(str(p), return_numpy=True) for p in shard_files(checkpoint_dir, degree)]
+    files = shard_files(checkpoint_dir, degree)
+    check_output_dir(output_dir, MERGE_COMMAND, flag, {"checkpoint": checkpoint_dir}, overwrite)
+    shards = []
+    for path in files:
+        try:
+            shards.append(load_paddle_file(path, return_numpy=True))
+        except ConversionError as err:
+            raise ShardMergeError(str(err)) from None
     merged = merge_state_dicts(shards, config, generation)
     check_shapes(merged, single_process_shapes(config, generation))
 
-    with atomic_folder(output_dir) as staging:
+    with atomic_folder(output_dir, MERGE_COMMAND, overwrite, {"checkpoint": checkpoint_dir}, flag) as staging:
         paddle.save(merged, str(staging / "model_state.pdparams"))
         config_dict = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
         config_dict.update(tensor_parallel_degree=1, tensor_parallel_rank=0)

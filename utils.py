@@ -71,10 +71,17 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path, obj) -> None:
@@ -90,20 +97,37 @@ def quiet_library_logs() -> None:
 
 
 @contextmanager
-def atomic_folder(output_dir, replace: bool = True):
-    """Yield a private staging folder beside `output_dir`; when the block succeeds it becomes `output_dir`
-    (replacing an old one, or, with replace=False, dropped if another process made it first); when the block
-    raises, the staging folder is removed and `output_dir` is left as it was. Never a half-written folder."""
+def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dict = None,
+                  flag: str = "--output_dir", replace: bool = True, overwrite_flag: str = "--overwrite True",
+                  details: dict = None):
+    """Yield a private staging folder beside `output_dir`; when the block succeeds it becomes `output_dir`,
+    marked as written by `command` (with `details`). `output_guard.check_output_dir` decides first (and again just before the
+    swap) whether `output_dir` may be replaced: absent, empty, written by `command` before, or `overwrite`.
+    With replace=False an `output_dir` that exists by then (another process made it first) is kept and the
+    staging folder dropped. When the block raises, the staging folder is removed and `output_dir` is left as
+    it was: never a half-written folder, never a folder the command was not told to replace."""
+    from output_guard import check_output_dir, write_owner
+
+    def allowed():
+        check_output_dir(output_dir, command, flag, inputs, overwrite, overwrite_flag)
+
+    allowed()
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging.", dir=output_dir.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is meant to be shared
+    old = None
     try:
         yield staging
+        write_owner(staging, command, **(details or {}))
         if output_dir.exists():
             if not replace:
                 return
-            shutil.rmtree(output_dir)
+            allowed()
+            old = output_dir.with_name(f".{output_dir.name}.replaced.{os.getpid()}")
+            os.replace(output_dir, old)
         os.replace(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
+from output_guard import OutputRefused  # noqa: E402
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_weight"
@@ -108,7 +109,8 @@ def fold_lora(tensors: dict, scaling: float) -> int:
     return folded
 
 
-def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_config=None) -> Path:
+def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_config=None,
+             overwrite: bool = False) -> Path:
     """Write a MindSpore ChatGLM2 checkpoint (a fine-tune's output included: optimizer state and training counters
     are dropped, LoRA deltas folded into their weights) in THUDM's HF layout, config/tokenizer from `config_dir`."""
     import shutil
@@ -133,7 +135,8 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_conf
                                   "pass --adapter_config (MindFormers writes it in the run's output_dir)")
         lora = json.loads(adapter_config.read_text(encoding="utf-8"))
         fold_lora(tensors, lora["lora_alpha"] / lora["r"])
-    with atomic_folder(output_dir) as staging:
+    inputs = {"--input_file": input_file, "--config_dir": config_dir}
+    with atomic_folder(output_dir, "convert_weights", overwrite, inputs) as staging:
         write_safetensors_shards(tensors, staging)
         for name in ("config.json", "tokenizer_config.json", "tokenizer.model"):
             if (config_dir / name).is_file():
@@ -148,7 +151,9 @@ def main(argv=None):
     parser.add_argument("--output_file", help="--to ms: the .ckpt to write")
     parser.add_argument("--input_file", help="--to hf: the .ckpt to read")
     parser.add_argument("--config_dir", help="--to hf: folder whose config.json / tokenizer to copy")
-    parser.add_argument("--output_dir", help="--to hf: folder to write")
+    parser.add_argument("--output_dir", help="--to hf: folder to write (an existing one only if this command wrote "
+                                             "it, or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="--to hf: replace an --output_dir it did not write")
     parser.add_argument("--adapter_config", help="--to hf: LoRA adapter_config.json (found next to the run if omitted)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="--to ms: parameter dtype in the checkpoint")
@@ -157,8 +162,9 @@ def main(argv=None):
         if args.to == "ms":
             out = hf_to_ms(args.input_dir, args.output_file, args.dtype)
         else:
-            out = ms_to_hf(args.input_file, args.config_dir, args.output_dir, adapter_config=args.adapter_config)
-    except ConversionError as err:
+            out = ms_to_hf(args.input_file, args.config_dir, args.output_dir, adapter_config=args.adapter_config,
+                           overwrite=args.overwrite)
+    except (ConversionError, OutputRefused) as err:
         sys.exit(f"error: {err}")
     print(f"wrote {out}")
     return out

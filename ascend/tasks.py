@@ -214,7 +214,7 @@ def export(config, file_stem: str = "glm2") -> Path:
     model_config = config.model.model_config
     ids = ms.Tensor(np.ones((model_config["batch_size"], model_config["seq_length"]), np.int32))
     target = output_dir(config) / "mindir"
-    with atomic_folder(target) as staging:
+    with atomic_folder(target, "ascend export") as staging:
         ms.export(network, ids, file_name=str(staging / file_stem), file_format="MINDIR")
     return target / f"{file_stem}.mindir"
 

@@ -12,17 +12,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the main suite on the path)
+from errors import run_cli  # noqa: E402
 from utils import atomic_folder  # noqa: E402
 
 
-def merge(lora_model, output_dir, base_model=None) -> Path:
+def merge(lora_model, output_dir, base_model=None, overwrite: bool = False) -> Path:
     from peft import PeftModel
 
     lora_model, output_dir = Path(lora_model), Path(output_dir)
     base_model = base_model or json.loads((lora_model / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = common.load_model(base_model, bits=16)  # merging into quantized weights would lose the update
     merged = PeftModel.from_pretrained(base, str(lora_model)).merge_and_unload()
-    with atomic_folder(output_dir) as staging:
+    with atomic_folder(output_dir, "merge_lora", overwrite, {"--lora_model": lora_model, "--base_model": base_model}) as staging:
         merged.save_pretrained(staging)
         common.load_tokenizer(base_model).save_pretrained(staging)
         if (Path(base_model) / "tokenizer_config.json").is_file():  # keeps the generation marker for the loaders
@@ -33,13 +34,16 @@ def merge(lora_model, output_dir, base_model=None) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora_model", required=True, help="adapter folder (finetune.py's checkpoint-final)")
-    parser.add_argument("--output_dir", required=True, help="folder for the merged model (replaced on success)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for the merged model (made on success; an existing one only if an earlier merge "
+                             "wrote it, or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir no merge wrote")
     parser.add_argument("--base_model", default=None, help="base model folder (default: the adapter's record)")
     args = parser.parse_args(argv)
-    out = merge(args.lora_model, args.output_dir, args.base_model)
+    out = merge(args.lora_model, args.output_dir, args.base_model, args.overwrite)
     print(f"merged model saved to {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

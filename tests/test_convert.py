@@ -165,7 +165,7 @@ def test_refusals_name_the_tensor_and_write_nothing(damage, message, tiny_hf, tm
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(ConversionError, match=message):
-        convert_hf_to_paddle(bad, out)
+        convert_hf_to_paddle(bad, out, overwrite=True)  # past the folder guard: the tensor check refuses
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out"]  # no staging folder left behind
 

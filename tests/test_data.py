@@ -57,19 +57,49 @@ def test_golden_tokenization(model_type, tiny_tokenizer):
     assert len(ids) == len(labels) and ids[-(n_target - 1):] == expected_target[:-1]
 
 
+TEMPLATE_TEXT = {"chatglm": ("", ""), "chatglm2": ("[Round 1]\n\n问：", "\n\n答："), "chatglm3": ("", "")}
+
+
 @pytest.mark.parametrize("model_type", ["chatglm", "chatglm2", "chatglm3"])
-def test_truncation_keeps_special_tokens_and_the_latest_text(model_type, tiny_tokenizer):
+def test_truncation_cuts_the_users_text_never_the_template(model_type, tiny_tokenizer):
     tok = tiny_tokenizer(model_type)
     fmt = get_prompt_format(model_type, tok)
-    long = Example("类型#上衣*" * 40 + "颜色#白色", "白色调清爽干净。" * 20, [("你好", "你好！")] * 5)
+    question = "类型#上衣*" * 40 + "颜色#白色"
+    long = Example(question, "白色调清爽干净。" * 20, [("你好", "你好！")] * 5)
     feat = tokenize_example(fmt, long, src_length=24, tgt_length=8, is_test=True)
     prompt, target = feat["input_ids"], feat["labels"]
-    assert len(prompt) == 24 and len(target) == 8 and target[-1] == tok.eos_token_id
-    full_prompt = fmt.prompt_ids(long.src, long.history)
-    assert prompt[-len(fmt.suffix_ids()) - 3:] == full_prompt[-len(fmt.suffix_ids()) - 3:]
+    assert len(target) == 8 and target[-1] == tok.eos_token_id
+    assert (fmt.cut_prompts, fmt.cut_answers) == (1, 1)
+    # The history went first, then the end of the question: what is left is the one-turn prompt of the longest
+    # start of the question that fits, template and answer cue intact.
+    kept = next(n for n in range(len(question), -1, -1) if len(fmt.prompt_ids(question[:n])) <= 24)
+    assert 0 < kept < len(question) and len(fmt.prompt_ids(question[:kept + 1])) > 24
+    assert prompt == fmt.prompt_ids(question[:kept])
     assert prompt[:len(fmt.prefix_ids())] == fmt.prefix_ids()
+    if fmt.suffix_ids():
+        assert prompt[-len(fmt.suffix_ids()):] == fmt.suffix_ids()
+    head, cue = TEMPLATE_TEXT[model_type]
+    text = tok.decode(prompt)
+    assert head in text and text.rstrip().endswith(cue.strip()) and question[:kept] in text
+    if model_type == "chatglm3":
+        assert prompt[len(fmt.prefix_ids())] == tok.get_command("<|user|>")
     train = tokenize_example(fmt, long, src_length=24, tgt_length=8)
-    assert len(train["input_ids"]) == 24 + 8 - 1
+    assert len(train["input_ids"]) == len(prompt) + 8 - 1
+
+
+@pytest.mark.parametrize("model_type", ["chatglm", "chatglm2", "chatglm3"])
+def test_truncation_drops_oldest_turns_before_the_question(model_type, tiny_tokenizer):
+    fmt = get_prompt_format(model_type, tiny_tokenizer(model_type))
+    history = [("第一个问题" * 3, "第一个回答" * 3), ("第二个问题", "第二个回答")]
+    budget = len(fmt.prompt_ids("你好", history[1:]))
+    assert fmt.prompt_ids("你好", history, src_length=budget) == fmt.prompt_ids("你好", history[1:])
+    assert fmt.cut_prompts == 1
+
+
+def test_a_src_length_below_the_template_is_refused(tiny_tokenizer):
+    fmt = get_prompt_format("chatglm2", tiny_tokenizer("chatglm2"))
+    with pytest.raises(DataFormatError, match="--src_length 4 cannot hold"):
+        fmt.prompt_ids("你好" * 10, src_length=4)
 
 
 def test_chatglm_v1_positions_and_mask_by_hand():
@@ -188,6 +218,7 @@ def test_demo_data_is_deterministic(tmp_path):
 
 
 def test_longbench_conversion_golden(tmp_path):
+    from errors import run_cli
     from tools.longbench_to_adgen import main
 
     (tmp_path / "lb").mkdir()
@@ -210,8 +241,8 @@ def test_longbench_conversion_golden(tmp_path):
     assert read_examples(out)[0].tgt == "They agreed."
     with pytest.raises(SystemExit, match="no prompt for dataset 'other'"):
         write(tmp_path / "lb" / "other.jsonl", "{}\n")
-        main(["--input_dir", str(tmp_path / "lb"), "--prompt_config", str(tmp_path / "prompts.json"),
-              "--output_file", str(tmp_path / "never.json")])
+        run_cli(main, ["--input_dir", str(tmp_path / "lb"), "--prompt_config", str(tmp_path / "prompts.json"),
+                       "--output_file", str(tmp_path / "never.json")])
     assert not (tmp_path / "never.json").exists()
 
 

@@ -206,7 +206,7 @@ def test_merge_refuses_bad_shards_and_leaves_output_untouched(damage, tiny_dir, 
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises((ShardMergeError, ValueError), match=expected):
-        merge_tp_shards(shards, out)
+        merge_tp_shards(shards, out, overwrite=True)  # past the folder guard: the shard check refuses
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == ["out"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint_convert import ConversionError, convert_hf_to_paddle, convert_paddle_to_hf  # noqa: E402
-from glm_family import NotAChatGLMCheckpoint  # noqa: E402
+from errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -24,28 +24,32 @@ def main(argv=None) -> Path:
     parser.add_argument("--model_type", choices=["chatglm", "chatglm2", "chatglm3"], default=None,
                         help="generation; read from the folder when omitted")
     parser.add_argument("--input_dir", required=True, help="checkpoint folder to convert")
-    parser.add_argument("--output_dir", required=True, help="folder to write (replaced only on success)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder to write (made on success; an existing one only if an earlier conversion wrote "
+                             "it, or with --overwrite)")
     parser.add_argument("--to", choices=["paddle", "hf", "glm"], default="paddle",
                         help="paddle: Hugging Face -> Paddle (default); hf: Paddle -> Hugging Face; glm: THUDM "
                              "ChatGLM2/3 Hugging Face -> transformers' GLM layout (for qlora/, no remote code)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="output dtype (default: the input's)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest output file, e.g. 2GB or 500MB")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output_dir that this command did not write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.to == "glm":
-            from hf_glm import save_glm_checkpoint
+    if not Path(args.input_dir).is_dir():
+        raise ConversionError(f"--input_dir {args.input_dir} is not a folder; pass the checkpoint folder to convert")
+    if args.to == "glm":
+        from hf_glm import save_glm_checkpoint
 
-            out = save_glm_checkpoint(args.input_dir, args.output_dir, args.max_shard_size)
-        else:
-            convert = convert_hf_to_paddle if args.to == "paddle" else convert_paddle_to_hf
-            out = convert(args.input_dir, args.output_dir, args.model_type, args.dtype, args.max_shard_size)
-    except (ConversionError, NotAChatGLMCheckpoint) as err:
-        sys.exit(f"error: {err}")
+        out = save_glm_checkpoint(args.input_dir, args.output_dir, args.max_shard_size, args.overwrite)
+    else:
+        convert = convert_hf_to_paddle if args.to == "paddle" else convert_paddle_to_hf
+        out = convert(args.input_dir, args.output_dir, args.model_type, args.dtype, args.max_shard_size,
+                      overwrite=args.overwrite)
     logging.info("wrote %s", out)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,6 +14,13 @@ import random
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from errors import run_cli  # noqa: E402
+from output_guard import check_output_dir, write_owner  # noqa: E402
+
+COMMAND = "make_demo_data"
+
 # Garment type -> (its style attribute name, style values). Mirrors AdvertiseGen's 衣样式/裙型/裤型 keys.
 STYLE_KEYS = {
     "上衣": ("衣样式", ["衬衫", "外套", "卫衣", "T恤", "毛衣"]),
@@ -100,14 +107,17 @@ def write_jsonl(records: list, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_demo_data(output_dir, num_train: int = 2000, num_dev: int = 100, seed: int = 42) -> Path:
-    """Write `train.json` and `dev.json` (JSON lines) into `output_dir`; deterministic given `seed`."""
-    output_dir = Path(output_dir)
+def make_demo_data(output_dir, num_train: int = 2000, num_dev: int = 100, seed: int = 42,
+                   overwrite: bool = False) -> Path:
+    """Write `train.json` and `dev.json` (JSON lines) into `output_dir`; deterministic given `seed`. A folder
+    this command did not make is refused unless `overwrite` (and then only those two files are replaced)."""
+    output_dir = check_output_dir(output_dir, COMMAND, overwrite=overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     taken = set()
     write_jsonl(make_split(num_train, rng, taken), output_dir / "train.json")
     write_jsonl(make_split(num_dev, rng, taken), output_dir / "dev.json")
+    write_owner(output_dir, COMMAND)
     return output_dir
 
 
@@ -117,10 +127,14 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train", type=int, default=2000, help="number of training records")
     parser.add_argument("--num_dev", type=int, default=100, help="number of dev records (prompts unseen in train)")
     parser.add_argument("--seed", type=int, default=42, help="random seed; same seed, same files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write train.json and dev.json into an existing folder this command did not make")
     args = parser.parse_args(argv)
-    out = make_demo_data(args.output_dir, args.num_train, args.num_dev, args.seed)
+    if args.num_train < 1 or args.num_dev < 1:
+        parser.error("--num_train and --num_dev must be at least 1")
+    out = make_demo_data(args.output_dir, args.num_train, args.num_dev, args.seed, args.overwrite)
     print(f"wrote {args.num_train} train and {args.num_dev} dev records to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from glm_family import GENERATION_KEY, get_generation  # noqa: E402
+from errors import run_cli  # noqa: E402
+from output_guard import check_output_dir  # noqa: E402
 from utils import atomic_folder  # noqa: E402
 from tools.make_demo_data import make_record  # noqa: E402
 
@@ -176,13 +178,13 @@ def save_paddle(model, tokenizer, output_dir: Path) -> None:
 
 
 def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int = 42, sizes: dict = None,
-                    max_sequence_length: int = 2048, max_shard_size: str = None) -> Path:
+                    max_sequence_length: int = 2048, max_shard_size: str = None, overwrite: bool = False) -> Path:
     """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed)."""
     from hf_layout import save_hf_checkpoint
 
-    output_dir = Path(output_dir)
+    output_dir = check_output_dir(output_dir, "make_tiny_model", overwrite=overwrite)
     model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length)
-    with atomic_folder(output_dir) as staging:
+    with atomic_folder(output_dir, "make_tiny_model", overwrite) as staging:
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
         elif fmt == "hf":
@@ -204,7 +206,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_type", required=True, choices=["chatglm", "chatglm2", "chatglm3"],
                         help="which ChatGLM generation's architecture and tokenizer to build")
-    parser.add_argument("--output_dir", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder to write (an existing one is replaced only if this command wrote it, or with "
+                             "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output_dir that this command did not write")
     parser.add_argument("--format", default="paddle", choices=["paddle", "hf", "glm"],
                         help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout; glm: "
                              "transformers' GlmForCausalLM layout for qlora/ (v2/v3 only)")
@@ -229,9 +235,9 @@ def main(argv=None) -> None:
     sizes["vocab_size"] = args.vocab_size
     sizes["rope_ratio"] = args.rope_ratio
     out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
-                          args.max_sequence_length, args.max_shard_size)
+                          args.max_sequence_length, args.max_shard_size, args.overwrite)
     print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,20 +10,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tp_merge import ShardMergeError, merge_tp_shards  # noqa: E402
+from errors import run_cli  # noqa: E402
+from tp_merge import merge_tp_shards  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", help="folder with config.json and model_state.tp0K.pdparams shards")
-    parser.add_argument("output_dir", help="folder to write the merged checkpoint to (replaced only on success)")
+    parser.add_argument("output_dir", help="folder to write the merged checkpoint to (made on success; an existing "
+                                           "one only if an earlier merge wrote it, or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output_dir that no merge wrote")
     args = parser.parse_args(argv)
-    try:
-        out = merge_tp_shards(args.checkpoint_dir, args.output_dir)
-    except ShardMergeError as err:
-        sys.exit(f"error: {err}")
+    out = merge_tp_shards(args.checkpoint_dir, args.output_dir, args.overwrite)
     print(f"merged into {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,0 +1,127 @@
+"""Whether a command may write where it was told to: the checks every glm-tune command runs on its outputs
+before any work starts, so a typo in a path never costs a downloaded checkpoint, a data set or a training run.
+
+Rules (README, "What a command may overwrite"):
+  - an output that is an input, contains one or lies inside one is refused;
+  - the current folder (and any folder holding it) is never a target;
+  - an output folder that exists and is not empty is replaced only when this command wrote it before (the
+    ownership marker below says so) or when the user passed the command's overwrite flag;
+  - an output file that exists is replaced only when it is recognisably this command's earlier output or with
+    the overwrite flag; an output file that is a folder (or a folder that is a file) is refused.
+Framework-free (no paddle / torch import), so qlora/ and ascend/ use the same rules.
+"""
+from errors import GlmTuneError
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+OWNER_MARKER = ".glm-tune-output.json"
+
+
+class OutputRefused(GlmTuneError):
+    """The command was asked to write somewhere it must not; nothing was written."""
+
+
+def _resolve(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def read_owner(folder) -> Optional[dict]:
+    """The ownership marker of `folder` ({"command": ..., ...}), or None when it has none or it is unreadable."""
+    try:
+        owner = json.loads((Path(folder) / OWNER_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def write_owner(folder, command: str, **details) -> None:
+    """Mark `folder` as written by `command` (so a re-run of the same command may replace it)."""
+    from utils import atomic_write_json
+
+    atomic_write_json(Path(folder) / OWNER_MARKER, {"command": command, **details})
+
+
+def check_not_input(output, flag: str, inputs: Dict[str, object]) -> None:
+    """Refuse an output that is one of `inputs` ({flag: path}), contains one or lies inside one."""
+    out = _resolve(output)
+    for input_flag, path in inputs.items():
+        if not path:
+            continue
+        source = _resolve(path)
+        if out == source:
+            raise OutputRefused(f"{flag} {output} is also {input_flag}: writing there would replace the input; "
+                                f"choose another {flag}")
+        if out in source.parents:
+            raise OutputRefused(f"{flag} {output} contains {input_flag} {path}: writing there would replace the "
+                                f"input; choose a {flag} outside it")
+        if source in out.parents and source.is_dir():
+            raise OutputRefused(f"{flag} {output} lies inside {input_flag} {path}: the output would change the "
+                                f"input folder; choose a {flag} outside it")
+
+
+def check_not_working_folder(output, flag: str) -> None:
+    out, cwd = _resolve(output), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents or out == Path(out.anchor) or out == Path.home().resolve():
+        raise OutputRefused(f"{flag} {output} is the current folder, one that holds it, the home folder or the "
+                            f"filesystem root; a command never replaces those: pass a new folder such as {flag} "
+                            f"{Path(output) / 'out'}")
+
+
+def _listing(folder: Path, limit: int = 4) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def folder_is_empty(folder: Path) -> bool:
+    return folder.is_dir() and not any(folder.iterdir())
+
+
+def check_output_dir(output_dir, command: str, flag: str = "--output_dir", inputs: Dict[str, object] = None,
+                     overwrite: bool = False, overwrite_flag: str = "--overwrite True") -> Path:
+    """Refuse `output_dir` unless it is absent, empty, an earlier output of `command`, or `overwrite` is set.
+    Returns it as a Path. Call it before any work starts."""
+    if output_dir is None or str(output_dir).strip() == "":
+        raise OutputRefused(f"{flag} is required")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(f"{flag} {output_dir} is a file, not a folder; pass a folder path")
+    for parent in path.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"{flag} {output_dir}: {parent} is a file, so no folder can be made under it")
+            break
+    check_not_working_folder(path, flag)
+    check_not_input(path, flag, inputs or {})
+    if path.is_dir() and not folder_is_empty(path) and not overwrite:
+        owner = read_owner(path)
+        if owner is None or owner.get("command") != command:
+            made_by = f"written by {owner['command']}" if owner else "not written by this command"
+            raise OutputRefused(
+                f"{flag} {output_dir} already exists and is {made_by} (it holds {_listing(path)}); nothing was "
+                f"changed. Choose a new folder, or pass {overwrite_flag} to replace that folder")
+    return path
+
+
+def check_output_file(output_file, flag: str = "--output_file", inputs: Dict[str, object] = None,
+                      overwrite: bool = False, is_own_output: Callable[[Path], bool] = None,
+                      overwrite_flag: str = "--overwrite True") -> Path:
+    """Refuse `output_file` when it is a folder, an input, inside an input folder, or an existing file that is
+    not this command's earlier output (`is_own_output`) unless `overwrite` is set."""
+    path = Path(output_file)
+    if str(output_file).endswith(("/", "\\")) or path.is_dir():
+        raise OutputRefused(f"{flag} {output_file} is a folder; pass a file path such as "
+                            f"{Path(output_file) / 'predictions.json'}")
+    for parent in path.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"{flag} {output_file}: {parent} is a file, so {path.name} cannot be made "
+                                    "under it")
+            break
+    check_not_input(path, flag, inputs or {})
+    if path.is_file() and path.stat().st_size and not overwrite:
+        if is_own_output is None or not is_own_output(path):
+            raise OutputRefused(f"{flag} {output_file} already exists and is not an earlier output of this "
+                                f"command; nothing was changed. Choose another file, or pass {overwrite_flag} "
+                                "to replace it")
+    return path
