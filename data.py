@@ -187,6 +187,9 @@ def task_file(task_name_or_path, split: str) -> Path:
             "(python tools/make_demo_data.py --output_dir DIR writes a demo one)"
         )
     path = folder / f"{split}.json"
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder, not a data file; --task_name_or_path must hold train.json and "
+                              "dev.json files")
     if not path.is_file():
         raise DataFormatError(f"{path} not found: --task_name_or_path must hold train.json and dev.json")
     return path

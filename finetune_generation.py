@@ -152,6 +152,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_library_logs()
     generation, run, output_state = validate(model_args, data_args, training_args)
+    resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
         import tp_cpu_compat
 
@@ -159,16 +160,16 @@ def main(argv=None):
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():
-        return train_and_evaluate(model_args, data_args, training_args, generation, run, output_state)
+        return train_and_evaluate(model_args, data_args, training_args, generation, run, resume_from)
 
 
-def train_and_evaluate(model_args, data_args, training_args, generation, run=None, output_state="new"):
-    if training_args.process_index == 0:
-        write_owner(training_args.output_dir, COMMAND, run=run)
+def train_and_evaluate(model_args, data_args, training_args, generation, run=None, resume_from=None):
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
     train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation)
+    if training_args.process_index == 0:  # the folder is this run's from here on
+        write_owner(training_args.output_dir, COMMAND, run=run)
 
     trainer = GLMTrainer(
         model=model,
@@ -186,7 +187,7 @@ def train_and_evaluate(model_args, data_args, training_args, generation, run=Non
 
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args, output_state))
+        result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
         trainer.save_state()
         metrics.update(result.metrics)

@@ -241,7 +241,9 @@ def load_model(model_name_or_path: str, generation: str, dtype: str = "float32",
                          **config_overrides)
     try:
         model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
-    except (EOFError, pickle.UnpicklingError, UnicodeDecodeError, MemoryError) as err:
+    except (EOFError, pickle.UnpicklingError, UnicodeDecodeError, MemoryError, ValueError) as err:
+        if isinstance(err, ValueError) and "can not parse the file" not in str(err):
+            raise  # a ValueError that is not paddle.load's "cannot read this file" is a bug, not bad input
         raise ConfigurationError(f"the weights in {model_name_or_path} cannot be read ({one_line(err)[:100]}): the "
                                  "file is truncated or not a Paddle checkpoint; save or download it again") from None
     apply_rope_ratio(model)

@@ -91,8 +91,8 @@ def check_output_dir(output_dir, command: str, flag: str = "--output_dir", input
             if not parent.is_dir():
                 raise OutputRefused(f"{flag} {output_dir}: {parent} is a file, so no folder can be made under it")
             break
-    check_not_working_folder(path, flag)
     check_not_input(path, flag, inputs or {})
+    check_not_working_folder(path, flag)
     if path.is_dir() and not folder_is_empty(path) and not overwrite:
         owner = read_owner(path)
         if owner is None or owner.get("command") != command:

@@ -96,8 +96,8 @@ def claim_output_dir(output_dir, run: dict, inputs: dict, overwrite: bool) -> st
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"--output_dir {output_dir} is a file; pass a folder")
-    check_not_working_folder(path, "--output_dir")
     check_not_input(path, "--output_dir", inputs)
+    check_not_working_folder(path, "--output_dir")
     if not path.is_dir() or folder_is_empty(path):
         return "new"
     owner = read_owner(path)

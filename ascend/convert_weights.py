@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
-from output_guard import OutputRefused  # noqa: E402
+from output_guard import OutputRefused, check_output_dir  # noqa: E402
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_weight"
@@ -121,6 +121,8 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_conf
     from utils import atomic_folder
 
     input_file, config_dir, output_dir = Path(input_file), Path(config_dir), Path(output_dir)
+    inputs = {"--input_file": input_file, "--config_dir": config_dir}
+    check_output_dir(output_dir, "convert_weights", inputs=inputs, overwrite=overwrite)  # before any tensor is read
     tensors = {}
     for name, param in ms.load_checkpoint(str(input_file)).items():
         if not name.startswith("transformer.") or "paged_attention_mgr" in name:
@@ -135,7 +137,6 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_conf
                                   "pass --adapter_config (MindFormers writes it in the run's output_dir)")
         lora = json.loads(adapter_config.read_text(encoding="utf-8"))
         fold_lora(tensors, lora["lora_alpha"] / lora["r"])
-    inputs = {"--input_file": input_file, "--config_dir": config_dir}
     with atomic_folder(output_dir, "convert_weights", overwrite, inputs) as staging:
         write_safetensors_shards(tensors, staging)
         for name in ("config.json", "tokenizer_config.json", "tokenizer.model"):

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the main suite on the path)
 from errors import run_cli  # noqa: E402
+from output_guard import check_output_dir  # noqa: E402
 from utils import atomic_folder  # noqa: E402
 
 
@@ -20,10 +21,12 @@ def merge(lora_model, output_dir, base_model=None, overwrite: bool = False) -> P
     from peft import PeftModel
 
     lora_model, output_dir = Path(lora_model), Path(output_dir)
+    inputs = {"--lora_model": lora_model, "--base_model": base_model}
+    check_output_dir(output_dir, "merge_lora", inputs=inputs, overwrite=overwrite)  # before the model loads
     base_model = base_model or json.loads((lora_model / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = common.load_model(base_model, bits=16)  # merging into quantized weights would lose the update
     merged = PeftModel.from_pretrained(base, str(lora_model)).merge_and_unload()
-    with atomic_folder(output_dir, "merge_lora", overwrite, {"--lora_model": lora_model, "--base_model": base_model}) as staging:
+    with atomic_folder(output_dir, "merge_lora", overwrite, inputs) as staging:
         merged.save_pretrained(staging)
         common.load_tokenizer(base_model).save_pretrained(staging)
         if (Path(base_model) / "tokenizer_config.json").is_file():  # keeps the generation marker for the loaders

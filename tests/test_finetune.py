@@ -1,6 +1,7 @@
 """finetune_generation.py end to end on tiny models: learning, tensor parallel parity, LoRA, prefix, resume."""
 import json
-import os
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,13 +124,33 @@ def test_prefix_tuning_trains_and_reloads(tiny_dir, demo_data, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, demo_data, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, full, max_steps=12, save_steps=6))
-    resumed.mkdir()
-    os.system(f"cp -r {full / 'checkpoint-6'} {resumed}/")
     finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, resumed, max_steps=12, save_steps=6,
-                                           resume_from_checkpoint="auto"))
+                                           resume_from_checkpoint=full / "checkpoint-6"))
     a, b = losses(full), losses(resumed)
     assert sorted(b) == list(range(7, 13))
     for step in range(7, 13):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_auto_resume_after_a_kill_during_a_save_reaches_the_uninterrupted_loss(tiny_dir, demo_data, tmp_path,
+                                                                                caplog):
+    caplog.set_level(logging.INFO, logger="finetune_generation")
+    common = dict(max_steps=6, save_steps=2)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, full, **common))
+    argv = finetune_argv(tiny_dir("chatglm2"), demo_data, killed, **common)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_during_save.py"), "4", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "checkpoint-4" / "model_state.pdparams").exists()  # half-written, no completion marker
+    assert not (killed / "checkpoint-4" / "checkpoint_complete.json").exists()
+    finetune_generation.main(argv + ["--resume_from_checkpoint", "auto"])
+    assert re.search(r"skipping \S*checkpoint-4: no checkpoint_complete\.json", caplog.text)
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    a, b = losses(full), losses(killed)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(3, 7):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
 
@@ -177,9 +198,8 @@ def test_lora_tensor_parallel_run_resumes_from_its_merged_checkpoint(tiny_dir, d
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     launch(full)
     assert (full / "checkpoint-3" / "lora_model_state.pdparams").exists()
-    resumed.mkdir()
-    os.system(f"cp -r {full / 'checkpoint-3'} {resumed}/")
-    launch(resumed, resume_from_checkpoint="auto")
+    assert (full / "checkpoint-3" / "checkpoint_complete.json").exists()  # written once both ranks saved
+    launch(resumed, resume_from_checkpoint=full / "checkpoint-3")
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [4, 5, 6] and b[6] < a[1]
     for step in (4, 5, 6):

@@ -114,3 +114,16 @@ def test_torchrun_two_cpu_processes(tiny_glm, instruction_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("saved adapter and tokenizer") == 1  # the main process saves, once
     assert (tmp_path / "checkpoint-final" / "adapter_model.safetensors").exists()
+
+
+def test_merge_refuses_a_folder_it_did_not_write_before_loading_anything(tmp_path):
+    from output_guard import OutputRefused
+
+    target = tmp_path / "models"
+    (target / "other_model").mkdir(parents=True)
+    (target / "other_model" / "weights.bin").write_bytes(b"keep")
+    with pytest.raises(OutputRefused, match="already exists and is not written by this command"):
+        merge_lora.merge(tmp_path / "no_adapter_needed", target)
+    assert (target / "other_model" / "weights.bin").read_bytes() == b"keep"
+    with pytest.raises(OutputRefused, match="is also --lora_model"):
+        merge_lora.merge(tmp_path / "adapter", tmp_path / "adapter")

@@ -1,0 +1,591 @@
+"""Bad input, command by command: each case ends in one line naming the flag or file and what to do, exit
+status 1, no traceback, and not one file lost, changed or added. The cases are tables; `make_case` builds the
+situation a user would be in (a reused folder, a damaged download, a typo in a number) under tmp_path.
+
+Cases run in-process through `errors.run_cli`, the same wrapper each script's `__main__` calls;
+`test_scripts_end_bad_input_in_one_line` runs one case per script as a real process to check that wiring.
+"""
+import hashlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import export_generation_model
+import finetune_generation
+import infer_generation
+import predict_generation
+from errors import run_cli
+from output_guard import OWNER_MARKER
+from run_checkpoints import COMPLETE_MARKER
+from tools import convert_checkpoint, longbench_to_adgen, make_demo_data, make_tiny_model, merge_tp_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def snapshot(*roots) -> dict:
+    """Every file and folder under `roots`: path -> content hash (None for folders)."""
+    state = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            state[str(p)] = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
+    return state
+
+
+def assert_refused(main, argv, pattern, *watched):
+    """`main(argv)` through run_cli exits with one line matching `pattern`; nothing under `watched` changed."""
+    before = snapshot(*watched)
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, [str(a) for a in argv])
+    message = exited.value.code
+    assert isinstance(message, str), f"exit code {message!r} instead of a message"
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+    after = snapshot(*watched)
+    assert after == before, f"files changed: {sorted(set(after.items()) ^ set(before.items()))[:4]}"
+    return message
+
+
+def copy_model(tiny_dir, model_type, dest):
+    return Path(shutil.copytree(tiny_dir(model_type), dest))
+
+
+def write(path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+def truncate(path, keep=0.5):
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[: int(len(raw) * keep)])
+
+
+GOOD_RECORD = json.dumps({"content": "类型#裙", "summary": "复古"}, ensure_ascii=False) + "\n"
+
+
+def task_folder(root, train=None, dev=None):
+    folder = Path(root) / "task"
+    write(folder / "train.json", train if train is not None else GOOD_RECORD * 4)
+    write(folder / "dev.json", dev if dev is not None else GOOD_RECORD * 2)
+    return folder
+
+
+def damage_model(folder: Path, how: str):
+    """A model folder as a bad download leaves it."""
+    if how == "no tokenizer":
+        (folder / "tokenizer.model").unlink()
+    elif how == "empty tokenizer":
+        write(folder / "tokenizer.model", b"")
+    elif how == "garbage tokenizer":
+        write(folder / "tokenizer.model", b"<html>404 not found</html>" * 10)
+    elif how == "no weights":
+        (folder / "model_state.pdparams").unlink()
+    elif how == "truncated weights":
+        truncate(folder / "model_state.pdparams")
+    elif how == "garbage weights":
+        write(folder / "model_state.pdparams", b"\x00garbage" * 1000)
+    elif how == "config without sizes":
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("hidden_size")
+        config.pop("num_hidden_layers")
+        write(folder / "config.json", json.dumps(config))
+    elif how == "config not json":
+        write(folder / "config.json", "{not json")
+    return folder
+
+
+MODEL_DAMAGE = [
+    ("no tokenizer", r"has no tokenizer\.model"),
+    ("empty tokenizer", r"tokenizer\.model is not a SentencePiece model"),
+    ("garbage tokenizer", r"tokenizer\.model is not a SentencePiece model"),
+    ("no weights", r"has no weights \(model_state\.pdparams\)"),
+    ("truncated weights", r"cannot be read .*truncated or not a Paddle checkpoint"),
+    ("garbage weights", r"cannot be read .*truncated or not a Paddle checkpoint"),
+    ("config without sizes", r"config\.json lacks hidden_size, num_hidden_layers"),
+    ("config not json", r"config\.json is not valid JSON"),
+]
+
+
+def ft_argv(model, task, out, **extra):
+    args = {"model_name_or_path": model, "task_name_or_path": task, "output_dir": out, "src_length": 32,
+            "tgt_length": 16, "max_steps": 2, "per_device_train_batch_size": 2, "report_to": "none",
+            "disable_tqdm": True, **extra}
+    argv = ["--do_train"]
+    for key, value in args.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+# ------------------------------------------------------------------------------------- finetune_generation
+
+
+def owned_run_folder(root, run_overrides=None, checkpoints=(), model=None, task=None):
+    """An --output_dir an earlier finetune_generation.py run left: its marker and complete checkpoints."""
+    folder = Path(root) / "run"
+    run = {"seed": 42, **(run_overrides or {})}
+    write(folder / OWNER_MARKER, json.dumps({"command": "finetune_generation", "run": run}))
+    for step in checkpoints:
+        ckpt = folder / f"checkpoint-{step}"
+        write(ckpt / "trainer_state.json", "{}")
+        write(ckpt / COMPLETE_MARKER, json.dumps({"files": {"trainer_state.json": 2}}))
+    return folder
+
+
+FINETUNE_CASES = {
+    "output is the model": (lambda t, m: dict(output_dir=m), r"--output_dir .* is also --model_name_or_path"),
+    "output inside the model": (lambda t, m: dict(output_dir=m / "tuned"), r"lies inside --model_name_or_path"),
+    "output is a file": (lambda t, m: dict(output_dir=write(t / "out.txt", "x")), r"--output_dir .* is a file"),
+    "output holds user files": (lambda t, m: dict(output_dir=write(t / "mine" / "notes.txt", "x").parent),
+                                r"already exists and was not written by finetune_generation\.py"),
+    "output holds another run's checkpoints": (
+        lambda t, m: dict(output_dir=owned_run_folder(t, {"seed": 7}, [4])),
+        r"holds checkpoints of another run \(checkpoint-4; it differs in .*\)"),
+    "model type contradicts the folder": (lambda t, m: dict(model_type="chatglm3"),
+                                          r"--model_type chatglm3 does not match .* holds a chatglm2 checkpoint"),
+    "v1 model type on a v2 folder": (lambda t, m: dict(model_type="chatglm"), r"--model_type chatglm does not match"),
+    "unknown model type": (lambda t, m: dict(model_type="glm4"), r"unknown model type 'glm4'"),
+    "lora and prefix adapters together": (lambda t, m: dict(lora_path=t, prefix_path=t),
+                                          r"--lora_path and --prefix_path cannot be combined"),
+    "lora path missing": (lambda t, m: dict(lora=True, lora_path=t / "nope"), r"--lora_path .*nope is not a folder"),
+    "lora path not a lora folder": (lambda t, m: dict(lora=True, lora_path=m), r"is not a lora folder"),
+    "resume from a model folder": (lambda t, m: dict(resume_from_checkpoint=m),
+                                   r"--resume_from_checkpoint .* is not a training checkpoint"),
+    "train batch 0": (lambda t, m: dict(per_device_train_batch_size=0), r"--per_device_train_batch_size"),
+    "src_length 2": (lambda t, m: dict(src_length=2), r"--src_length \(2\) must exceed 2"),
+    "tgt_length 1": (lambda t, m: dict(tgt_length=1), r"--tgt_length \(1\) must exceed 1"),
+    "max_eval_samples negative": (lambda t, m: dict(max_eval_samples=-100), r"--max_eval_samples -100 must be"),
+    "temperature 0": (lambda t, m: dict(temperature=0), r"--temperature 0\.0 must be above 0"),
+    "temperature negative": (lambda t, m: dict(temperature=-1), r"--temperature -1\.0 must be above 0"),
+    "top_p 0": (lambda t, m: dict(top_p=0), r"--top_p 0\.0 must be in \(0, 1\]"),
+    "top_p 2": (lambda t, m: dict(top_p=2), r"--top_p 2\.0 must be in \(0, 1\]"),
+    "top_k negative": (lambda t, m: dict(top_k=-1), r"--top_k -1 must be 0"),
+    "task path is a file": (lambda t, m: dict(task_name_or_path=write(t / "train.json", GOOD_RECORD)),
+                            r"--task_name_or_path .* is not a folder"),
+    "train data not UTF-8": (lambda t, m: dict(task_name_or_path=task_folder(t, "类型".encode("gbk") * 3)),
+                             r"train\.json:1: not UTF-8 text \(byte 0x.. at offset 0\)"),
+    "train data UTF-16": (lambda t, m: dict(task_name_or_path=task_folder(t, GOOD_RECORD.encode("utf-16"))),
+                          r"train\.json is UTF-16 text; save it as UTF-8"),
+    "train data binary": (lambda t, m: dict(task_name_or_path=task_folder(t, b"PK\x03\x04\x00\x00" + bytes(50))),
+                          r"train\.json:1: holds NUL bytes"),
+    "train data malformed": (lambda t, m: dict(task_name_or_path=task_folder(t, GOOD_RECORD + "{oops\n")),
+                             r"train\.json:2: malformed JSON"),
+    "train.json is a folder": (lambda t, m: dict(task_name_or_path=(t / "task2" / "train.json").mkdir(parents=True)
+                                                 or t / "task2"), r"train\.json is a folder, not a data file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FINETUNE_CASES))
+def test_finetune_refuses(case, tiny_dir, tmp_path):
+    model = copy_model(tiny_dir, "chatglm2", tmp_path / "model")
+    make, pattern = FINETUNE_CASES[case]
+    args = dict(model_name_or_path=model, task_name_or_path=task_folder(tmp_path), output_dir=tmp_path / "out")
+    args.update(make(tmp_path, model))
+    argv = ft_argv(args.pop("model_name_or_path"), args.pop("task_name_or_path"), args.pop("output_dir"), **args)
+    assert_refused(finetune_generation.main, argv, pattern, tmp_path)
+
+
+@pytest.mark.parametrize("damage, pattern", MODEL_DAMAGE, ids=[d for d, _ in MODEL_DAMAGE])
+def test_finetune_refuses_a_damaged_model_folder(damage, pattern, tiny_dir, tmp_path):
+    model = damage_model(copy_model(tiny_dir, "chatglm2", tmp_path / "model"), damage)
+    argv = ft_argv(model, task_folder(tmp_path), tmp_path / "out")
+    assert_refused(finetune_generation.main, argv, pattern, tmp_path)
+
+
+def test_finetune_refuses_an_adapter_of_another_generation(tiny_dir, tmp_path):
+    lora = tmp_path / "lora_v2"
+    write(lora / "lora_config.json", "{}")
+    write(lora / "lora_model_state.pdparams", b"x")
+    write(lora / OWNER_MARKER, json.dumps({"command": "finetune_generation", "run": {"generation": "chatglm2"}}))
+    argv = ft_argv(copy_model(tiny_dir, "chatglm", tmp_path / "v1"), task_folder(tmp_path), tmp_path / "out",
+                   lora=True, lora_path=lora)
+    assert_refused(finetune_generation.main, argv, r"--lora_path .* was trained on a chatglm2 model but "
+                                                   r"--model_name_or_path is a chatglm checkpoint", tmp_path)
+
+
+def test_auto_resume_never_goes_past_max_steps(tiny_dir, tmp_path):
+    """Same run, later checkpoint than --max_steps: refused before the model loads, not trained past."""
+    model, task = copy_model(tiny_dir, "chatglm2", tmp_path / "model"), task_folder(tmp_path)
+    args = finetune_generation.parse_arguments(ft_argv(model, task, tmp_path / "x"))
+    from run_checkpoints import run_identity
+
+    run = run_identity(args[0], args[1], args[3], "chatglm2")
+    out = owned_run_folder(tmp_path, run, [2, 4])
+    assert_refused(finetune_generation.main, ft_argv(model, task, out, resume_from_checkpoint="auto"),
+                   r"newest checkpoint .*checkpoint-4 is at step 4, past --max_steps 2", tmp_path)
+
+
+def test_overwrite_output_dir_drops_another_runs_checkpoints_and_never_resumes_them(tiny_dir, tmp_path):
+    from run_checkpoints import claim_output_dir
+
+    out = owned_run_folder(tmp_path, {"seed": 7}, [4])
+    write(out / "notes.txt", "kept")
+    assert claim_output_dir(out, {"seed": 42}, {}, overwrite=True) == "replaced"
+    assert not (out / "checkpoint-4").exists() and (out / "notes.txt").read_text() == "kept"
+
+
+def test_a_bom_data_file_is_read(tmp_path):
+    from data import read_examples
+
+    path = write(tmp_path / "bom.json", "\ufeff" + GOOD_RECORD)
+    assert read_examples(path)[0].src == "类型#裙"
+
+
+# ------------------------------------------------------------------------------------- predict_generation
+
+
+def pr_argv(model, **extra):
+    argv = ["--model_name_or_path", model, "--src_length", 32, "--tgt_length", 4]
+    for key, value in extra.items():
+        argv += [f"--{key}", value]
+    return argv
+
+
+PREDICT_CASES = {
+    "output file is the data file": (lambda t: dict(data_file=t / "dev.json", output_file=t / "dev.json"),
+                                     r"--output_file .*dev\.json is also --data_file"),
+    "batch size -1 with an existing output": (lambda t: dict(batch_size=-1, output_file=t / "preds.json"),
+                                              r"--batch_size -1 must be at least 1"),
+    "batch size 0": (lambda t: dict(batch_size=0), r"--batch_size 0 must be at least 1"),
+    "output file is a folder": (lambda t: dict(output_file=t / "task"), r"--output_file .*task is a folder"),
+    "output file is someone's data": (lambda t: dict(output_file=t / "task" / "train.json"),
+                                      r"--output_file .*train\.json already exists and is not an earlier output"),
+    "output file inside the model": (lambda t: dict(output_file=t / "model" / "preds.json"),
+                                     r"lies inside --model_name_or_path"),
+    "merge path is a user folder": (lambda t: dict(merge_tensor_parallel_path=t / "task"),
+                                    r"--merge_tensor_parallel_path .*task already exists"),
+    "merge path is the model": (lambda t: dict(merge_tensor_parallel_path=t / "model"),
+                                r"--merge_tensor_parallel_path .* is also --model_name_or_path"),
+    "data not UTF-8": (lambda t: dict(data_file=write(t / "gbk.json", "类型".encode("gbk"))),
+                       r"gbk\.json:1: not UTF-8 text"),
+    "data file is a folder": (lambda t: dict(data_file=t / "task"), r"task is a folder, not a data file"),
+    "data file missing": (lambda t: dict(data_file=t / "nope.json"), r"nope\.json: file not found"),
+    "lora and prefix together": (lambda t: dict(lora_path=t / "task", prefix_path=t / "task"),
+                                 r"--lora_path and --prefix_path cannot be combined"),
+    "prefix path not a prefix folder": (lambda t: dict(prefix_path=t / "task"), r"is not a prefix folder"),
+    "src_length 0": (lambda t: dict(src_length=0), r"--src_length \(0\) must exceed 2"),
+    "top_p 0": (lambda t: dict(top_p=0), r"--top_p 0\.0 must be in"),
+    "decode strategy typo": (lambda t: dict(decode_strategy="beam"), r"--decode_strategy 'beam': choose"),
+    "model path is a file": (lambda t: dict(model_name_or_path=t / "dev.json"), r"--model_name_or_path .* is a file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_CASES))
+def test_predict_refuses(case, tiny_dir, tmp_path):
+    model = copy_model(tiny_dir, "chatglm2", tmp_path / "model")
+    task_folder(tmp_path)
+    write(tmp_path / "dev.json", GOOD_RECORD)
+    write(tmp_path / "preds.json", json.dumps({"prompt": "p", "output": "o"}) + "\n")
+    extra = PREDICT_CASES[case][0](tmp_path)
+    model = extra.pop("model_name_or_path", model)
+    assert_refused(predict_generation.main, pr_argv(model, **extra), PREDICT_CASES[case][1], tmp_path)
+
+
+@pytest.mark.parametrize("damage, pattern", MODEL_DAMAGE, ids=[d for d, _ in MODEL_DAMAGE])
+def test_predict_refuses_a_damaged_model_folder(damage, pattern, tiny_dir, tmp_path):
+    model = damage_model(copy_model(tiny_dir, "chatglm3", tmp_path / "model"), damage)
+    assert_refused(predict_generation.main, pr_argv(model), pattern, tmp_path)
+
+
+def test_predict_replaces_its_own_earlier_predictions_only(tiny_dir, tmp_path):
+    model, data = tiny_dir("chatglm2"), write(tmp_path / "dev.json", GOOD_RECORD * 2)
+    out = write(tmp_path / "preds.json", json.dumps({"prompt": "old", "output": "old"}) + "\n")
+    predict_generation.main(pr_argv(model, data_file=data, output_file=out))
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["类型#裙", "类型#裙"]
+    mine = write(tmp_path / "mine.json", "my notes\n")
+    predict_generation.main(pr_argv(model, data_file=data, output_file=mine, overwrite=True))
+    assert "my notes" not in mine.read_text()
+
+
+# ------------------------------------------------------------------------------------- export / infer
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_dir, tmp_path_factory):
+    """Exported step graphs of an untrained tiny ChatGLM2 and ChatGLM-6B."""
+    root = tmp_path_factory.mktemp("exports")
+    for model_type in ("chatglm2", "chatglm"):
+        export_generation_model.main(["--model_name_or_path", str(tiny_dir(model_type)), "--output_path",
+                                      str(root / model_type / "chatglm"), "--src_length", "32", "--tgt_length", "4"])
+    return root
+
+
+EXPORT_CASES = {
+    "second model into one export folder": (
+        lambda t, m: (write(t / "x" / OWNER_MARKER, json.dumps({"command": "export_generation_model",
+                                                                 "prefix": "a"})), dict(output_path=t / "x" / "b"))[1],
+        r"already holds the export 'a'"),
+    "output path is an existing folder": (lambda t, m: dict(output_path=(t / "task").mkdir() or t / "task"),
+                                          r"--output_path .*task is an existing folder; pass FOLDER/PREFIX"),
+    "export into the model folder": (lambda t, m: dict(output_path=m / "chatglm"),
+                                     r"--output_path's folder .* is also --model_name_or_path"),
+    "export into a user folder": (lambda t, m: dict(output_path=write(t / "srv" / "app.py", "x").parent / "chatglm"),
+                                  r"--output_path's folder .*srv already exists"),
+    "dtype typo": (lambda t, m: dict(dtype="fp32"), r"--dtype 'fp32': choose"),
+    "prefix export": (lambda t, m: dict(prefix_path=t), r"exporting prefix-tuned models is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_export_refuses(case, tiny_dir, tmp_path):
+    model = copy_model(tiny_dir, "chatglm2", tmp_path / "model")
+    args = {"model_name_or_path": model, "output_path": tmp_path / "infer" / "chatglm",
+            **EXPORT_CASES[case][0](tmp_path, model)}
+    argv = [a for k, v in args.items() for a in (f"--{k}", v)]
+    assert_refused(export_generation_model.main, argv, EXPORT_CASES[case][1], tmp_path)
+
+
+def test_export_folder_with_trailing_slash_takes_the_default_prefix(tmp_path):
+    model_args = type("M", (), {"model_name_or_path": "m", "lora_path": None})()
+    target = export_generation_model.export_target(f"{tmp_path / 'srv'}/", model_args, overwrite=False)
+    assert target == tmp_path / "srv" / "chatglm"
+
+
+def export_copy(exports, tmp_path, model_type="chatglm2"):
+    return Path(shutil.copytree(exports / model_type, tmp_path / "infer"))
+
+
+def damage_export(folder: Path, how: str, exports):
+    if how == "truncated params":
+        truncate(folder / "chatglm.pdiparams")
+    elif how == "garbage params":
+        write(folder / "chatglm.pdiparams", b"\x00garbage" * 5000)
+    elif how == "other generation's params":
+        shutil.copy(exports / "chatglm" / "chatglm.pdiparams", folder / "chatglm.pdiparams")
+    elif how == "no graph":
+        (folder / "chatglm.json").unlink()
+    elif how == "invalid description":
+        write(folder / "chatglm.generation.json", "{oops")
+    elif how == "description lacks defaults":
+        write(folder / "chatglm.generation.json", json.dumps({"generation": "chatglm2", "dtype": "float32"}))
+    elif how == "no tokenizer":
+        (folder / "tokenizer.model").unlink()
+
+
+INFER_DAMAGE = [
+    ("truncated params", r"Paddle Inference cannot run .*chatglm\.json with .*chatglm\.pdiparams .* export the model again"),
+    ("garbage params", r"Paddle Inference cannot run"),
+    ("other generation's params", r"Paddle Inference cannot run"),
+    ("no graph", r"chatglm\.json \(the exported graph\) is missing"),
+    ("invalid description", r"chatglm\.generation\.json is not a valid export description"),
+    ("description lacks defaults", r"chatglm\.generation\.json lacks defaults"),
+    ("no tokenizer", r"has no tokenizer\.model .*or export the model again"),
+]
+
+
+@pytest.mark.parametrize("damage, pattern", INFER_DAMAGE, ids=[d for d, _ in INFER_DAMAGE])
+def test_infer_refuses_a_damaged_export(damage, pattern, exports, tmp_path):
+    folder = export_copy(exports, tmp_path)
+    damage_export(folder, damage, exports)
+    assert_refused(infer_generation.main, ["--model_path", folder, "--batch_size", 1], pattern, tmp_path)
+
+
+INFER_CASES = {
+    "output file is the data file": (lambda t: ["--data_file", t / "dev.json", "--output_file", t / "dev.json"],
+                                     r"--output_file .* is also --data_file"),
+    "tgt_length 0": (lambda t: ["--tgt_length", 0], r"--tgt_length 0 must be at least 1"),
+    "tgt_length -2": (lambda t: ["--tgt_length", -2], r"--tgt_length -2 must be at least 1"),
+    "src_length 0": (lambda t: ["--src_length", 0], r"--src_length 0 must exceed 2"),
+    "threads 0": (lambda t: ["--threads", 0], r"--threads 0 must be at least 1"),
+    "model path missing": (lambda t: ["--model_path", t / "nope"], r"--model_path .*nope is not a folder"),
+    "wrong prefix": (lambda t: ["--model_prefix", "glm"], r"glm\.generation\.json not found \(this folder holds "
+                                                         r"--model_prefix chatglm\)"),
+    "temperature negative": (lambda t: ["--temperature", -1], r"--temperature -1\.0 must be above 0"),
+    "backend typo": (lambda t: ["--backend", "onnx"], r"unknown backend 'onnx'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFER_CASES))
+def test_infer_refuses(case, exports, tmp_path):
+    folder = export_copy(exports, tmp_path)
+    write(tmp_path / "dev.json", GOOD_RECORD)
+    argv = ["--model_path", folder] + INFER_CASES[case][0](tmp_path)
+    assert_refused(infer_generation.main, argv, INFER_CASES[case][1], tmp_path)
+
+
+def test_interactive_infer_answers_a_non_utf8_line_with_an_error_and_goes_on(exports, tmp_path):
+    args = infer_generation.parse_arguments(["--model_path", str(exports / "chatglm2"), "--tgt_length", "2"])
+    predictor = infer_generation.build_predictor(*args)
+    stdout = io.StringIO()
+    infer_generation.chat(predictor, io.BytesIO("你好\n".encode() + b"\xff\xfe bad\n" + "再见\n".encode()), stdout)
+    text = stdout.getvalue()
+    assert text.count("ChatGLM:") == 2
+    assert re.search(r"error: input line 2 is not UTF-8 text \(.*\); type it again", text)
+
+
+# ------------------------------------------------------------------------------------- tools
+
+
+def test_convert_into_a_folder_holding_other_models_deletes_nothing(tiny_hf_dir, tmp_path):
+    models = tmp_path / "models"
+    write(models / "other_model" / "model_state.pdparams", b"precious")
+    assert_refused(convert_checkpoint.main, ["--input_dir", tiny_hf_dir, "--output_dir", models],
+                   r"--output_dir .*models already exists and is not written by this command \(it holds other_model\)",
+                   tmp_path, tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tiny_dir, tmp_path_factory):
+    from checkpoint_convert import convert_paddle_to_hf
+
+    return convert_paddle_to_hf(tiny_dir("chatglm2"), tmp_path_factory.mktemp("hf") / "chatglm2-hf")
+
+
+CONVERT_CASES = {
+    "output is the input": (lambda t, hf: ["--input_dir", hf, "--output_dir", hf], r"is also --input_dir"),
+    "output contains the input": (lambda t, hf: ["--input_dir", hf, "--output_dir", hf.parent],
+                                  r"contains --input_dir"),
+    "output is the current folder": (lambda t, hf: ["--input_dir", hf, "--output_dir", "."],
+                                     r"--output_dir \. is the current folder"),
+    "output is a parent of the current folder": (lambda t, hf: ["--input_dir", hf, "--output_dir", ".."],
+                                                 r"--output_dir \.\. is the current folder, one that holds it"),
+    "paddle folder with --to paddle": (lambda t, hf: ["--input_dir", t / "pd", "--output_dir", t / "o"],
+                                       r"is already a Paddle checkpoint; to write it in the Hugging Face layout "
+                                       r"pass --to hf"),
+    "hf folder with --to hf": (lambda t, hf: ["--input_dir", hf, "--output_dir", t / "o", "--to", "hf"],
+                               r"has no model_state\.pdparams .*it is in the Hugging Face layout: convert it with "
+                               r"--to paddle"),
+    "garbage index": (lambda t, hf: ["--input_dir", t / "bad_index", "--output_dir", t / "o"],
+                      r"model\.safetensors\.index\.json is not a valid shard index"),
+    "truncated safetensors": (lambda t, hf: ["--input_dir", t / "short", "--output_dir", t / "o"],
+                              r"model\.safetensors: tensor .* needs bytes \d+\.\.\d+ of the data but only \d+ are "
+                              r"present; the file is truncated"),
+    "corrupt pdparams with --to hf": (lambda t, hf: ["--input_dir", t / "pd_bad", "--output_dir", t / "o", "--to",
+                                                     "hf"], r"model_state\.pdparams cannot be read"),
+    "input is not a folder": (lambda t, hf: ["--input_dir", t / "nope", "--output_dir", t / "o"],
+                              r"--input_dir .*nope is not a folder"),
+    "glm layout into a user folder": (lambda t, hf: ["--input_dir", hf, "--output_dir", write(t / "u" / "a", "x").parent,
+                                                     "--to", "glm"], r"already exists"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
+def test_convert_refuses(case, tiny_hf_dir, tiny_dir, tmp_path, monkeypatch):
+    hf = Path(shutil.copytree(tiny_hf_dir, tmp_path / "hf" / "chatglm2-hf"))
+    copy_model(tiny_dir, "chatglm2", tmp_path / "pd")
+    damage_model(copy_model(tiny_dir, "chatglm2", tmp_path / "pd_bad"), "garbage weights")
+    shutil.copytree(hf, tmp_path / "bad_index")
+    write(tmp_path / "bad_index" / "model.safetensors.index.json", "[1, 2")
+    shutil.copytree(hf, tmp_path / "short")
+    truncate(tmp_path / "short" / "model.safetensors", 0.7)
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    argv = CONVERT_CASES[case][0](tmp_path, hf)
+    started = time.monotonic()
+    assert_refused(convert_checkpoint.main, argv, CONVERT_CASES[case][1], tmp_path)
+    assert time.monotonic() - started < 20  # a truncated file used to spin forever
+
+
+MERGE_CASES = {
+    "truncated shard": (lambda t, s: (truncate(s / "model_state.tp01.pdparams"), [s, t / "merged"])[1],
+                        r"model_state\.tp01\.pdparams cannot be read"),
+    "output is a user folder": (lambda t, s: [s, write(t / "keep" / "a.txt", "x").parent], r"already exists"),
+    "output is the checkpoint": (lambda t, s: [s, s], r"output_dir .* is also checkpoint"),
+    "checkpoint is not a folder": (lambda t, s: [t / "nope", t / "merged"], r"nope is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MERGE_CASES))
+def test_merge_tp_shards_refuses(case, tiny_dir, tmp_path):
+    from .test_predict_export import split_into_shards
+
+    shards = split_into_shards(tiny_dir("chatglm2"), tmp_path / "tp")
+    argv = MERGE_CASES[case][0](tmp_path, shards)
+    assert_refused(merge_tp_shards.main, argv, MERGE_CASES[case][1], tmp_path)
+
+
+def test_make_tiny_model_never_empties_the_current_folder(tmp_path, monkeypatch):
+    write(tmp_path / "project" / "README.md", "mine")
+    monkeypatch.chdir(tmp_path / "project")
+    assert_refused(make_tiny_model.main, ["--model_type", "chatglm2", "--output_dir", "."],
+                   r"--output_dir \. is the current folder", tmp_path)
+    assert_refused(make_tiny_model.main, ["--model_type", "chatglm2", "--output_dir", tmp_path],
+                   r"is the current folder, one that holds it", tmp_path)
+    write(tmp_path / "models" / "other" / "model_state.pdparams", b"x")
+    assert_refused(make_tiny_model.main, ["--model_type", "chatglm2", "--output_dir", tmp_path / "models"],
+                   r"already exists and is not written by this command \(it holds other\)", tmp_path)
+
+
+def test_make_demo_data_keeps_a_users_data(tmp_path):
+    folder = task_folder(tmp_path)
+    assert_refused(make_demo_data.main, ["--output_dir", folder], r"--output_dir .*task already exists", tmp_path)
+    write(folder / "notes.txt", "kept")
+    make_demo_data.main(["--output_dir", str(folder), "--num_train", "5", "--num_dev", "2", "--overwrite"])
+    assert (folder / "notes.txt").read_text() == "kept" and len((folder / "train.json").read_text().splitlines()) == 5
+    make_demo_data.main(["--output_dir", str(folder), "--num_train", "6", "--num_dev", "2"])  # its own: no flag needed
+    assert len((folder / "train.json").read_text().splitlines()) == 6
+
+
+def longbench_folder(root):
+    folder = Path(root) / "lb"
+    write(folder / "qmsum.jsonl", json.dumps({"input": "q", "context": "c", "answers": ["a"]}) + "\n")
+    return folder
+
+
+LONGBENCH_CASES = {
+    "output is the input": (lambda t: dict(output_file=t / "lb" / "qmsum.jsonl"), r"lies inside --input_dir"),
+    "output exists": (lambda t: dict(output_file=write(t / "dev.json", GOOD_RECORD)),
+                      r"--output_file .*dev\.json already exists"),
+    "prompt config missing": (lambda t: dict(prompt_config=t / "nope.json"), r"nope\.json: file not found"),
+    "prompt config invalid JSON": (lambda t: dict(prompt_config=write(t / "p.json", "{oops")),
+                                   r"p\.json:1: malformed JSON"),
+    "prompt config a list": (lambda t: dict(prompt_config=write(t / "p.json", "[]")),
+                             r"p\.json holds a JSON list; it must be an object"),
+    "template not a string": (lambda t: dict(prompt_config=write(t / "p.json", json.dumps({"qmsum": 3}))),
+                              r"the template of 'qmsum' is a int, not a string"),
+    "positional field": (lambda t: dict(prompt_config=write(t / "p.json", json.dumps({"qmsum": "{0} {context}"}))),
+                         r"has the positional field \{0\}"),
+    "unbalanced brace": (lambda t: dict(prompt_config=write(t / "p.json", json.dumps({"qmsum": "{context"}))),
+                         r"is not a valid format string"),
+    "input not a folder": (lambda t: dict(input_dir=t / "nope"), r"--input_dir .*nope is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LONGBENCH_CASES))
+def test_longbench_refuses(case, tmp_path):
+    args = {"input_dir": longbench_folder(tmp_path), "output_file": tmp_path / "out.json",
+            "prompt_config": write(tmp_path / "prompts.json", json.dumps({"qmsum": "{context} {input}"})),
+            **LONGBENCH_CASES[case][0](tmp_path)}
+    argv = [a for k, v in args.items() for a in (f"--{k}", v)]
+    assert_refused(longbench_to_adgen.main, argv, LONGBENCH_CASES[case][1], tmp_path)
+
+
+# ------------------------------------------------------------------------------------- as real processes
+
+
+SCRIPT_CASES = [
+    ("finetune_generation.py", lambda t, m: ft_argv(m, task_folder(t), m), r"is also --model_name_or_path"),
+    ("predict_generation.py", lambda t, m: pr_argv(m, batch_size=0), r"--batch_size 0"),
+    ("export_generation_model.py", lambda t, m: ["--model_name_or_path", m, "--output_path", m / "x"],
+     r"is also --model_name_or_path"),
+    ("infer_generation.py", lambda t, m: ["--model_path", t / "nope"], r"is not a folder"),
+    ("tools/convert_checkpoint.py", lambda t, m: ["--input_dir", m, "--output_dir", t / "o"], r"--to hf"),
+    ("tools/merge_tp_shards.py", lambda t, m: [m, t / "o"], r"nothing to merge"),
+    ("tools/make_tiny_model.py", lambda t, m: ["--model_type", "chatglm2", "--output_dir", m], r"already exists"),
+    ("tools/make_demo_data.py", lambda t, m: ["--output_dir", m], r"already exists"),
+    ("tools/longbench_to_adgen.py", lambda t, m: ["--input_dir", t, "--prompt_config", t / "p.json",
+                                                  "--output_file", t / "o.json"], r"p\.json: file not found"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, make, pattern", SCRIPT_CASES, ids=[s for s, _, _ in SCRIPT_CASES])
+def test_scripts_end_bad_input_in_one_line(script, make, pattern, tiny_dir, tmp_path):
+    model = copy_model(tiny_dir, "chatglm2", tmp_path / "model")
+    argv = [str(a) for a in make(tmp_path, model)]
+    before = snapshot(tmp_path)
+    done = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(error_lines) == 1 and re.search(pattern, error_lines[0])
+    assert snapshot(tmp_path) == before
