@@ -7,7 +7,6 @@ memory stays near one output shard plus one tensor, not the whole model. Names a
 the model the config describes before anything is written, every missing or unexpected tensor is named, and the
 output folder is staged and renamed into place, so a failed conversion never leaves a partial folder.
 """
-from errors import GlmTuneError, one_line
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import GlmTuneError, one_line
 from glm_family import GENERATION_KEY, detect_generation, get_generation
 from hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
                        paddle_to_hf_name, parse_size, write_safetensors_shards)

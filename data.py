@@ -17,7 +17,6 @@ that is what PaddleNLP's ChatGLM models expect. Prompts longer than `src_length`
 then the end of the user's question; the template (round headers, role tokens, answer cue) is never cut. Answers
 are cut at `tgt_length` and always end with the end-of-answer token. Formats count what they cut.
 """
-from errors import GlmTuneError
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import numpy as np
+
+from errors import GlmTuneError
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ ChatGLM2's architecture and tokenizer class, so it is told apart by the marker t
 (`chatglm_generation` in config.json) or, for folders from elsewhere, by THUDM's own hints (PaddleNLP #8556 is
 the bug this avoids: a ChatGLM3 folder served with ChatGLM2's prompt format).
 """
-from errors import GlmTuneError
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from errors import GlmTuneError
 
 GENERATION_KEY = "chatglm_generation"
 

@@ -119,9 +119,12 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwr
     from checkpoint_convert import HFWeights
     from glm_family import GENERATION_KEY, detect_generation
     from hf_layout import write_safetensors_shards
+    from output_guard import check_output_dir
     from utils import atomic_folder
 
     hf_chatglm_dir, output_dir = Path(hf_chatglm_dir), Path(output_dir)
+    inputs = {"--input_dir": hf_chatglm_dir}
+    check_output_dir(output_dir, "convert_checkpoint", inputs=inputs, overwrite=overwrite)  # before any read
     generation = detect_generation(hf_chatglm_dir)
     config = json.loads((hf_chatglm_dir / "config.json").read_text(encoding="utf-8"))
     weights = HFWeights(hf_chatglm_dir)
@@ -130,7 +133,7 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwr
         tensors.update(glm_state_dict({name: weights.get(name)}, config))
     glm_config = {**glm_config_dict(config), "model_type": "glm", "architectures": ["GlmForCausalLM"],
                   "torch_dtype": config.get("torch_dtype", "float32"), GENERATION_KEY: generation}
-    with atomic_folder(output_dir, "convert_checkpoint", overwrite, {"--input_dir": hf_chatglm_dir}) as staging:
+    with atomic_folder(output_dir, "convert_checkpoint", overwrite, inputs) as staging:
         write_safetensors_shards(tensors, staging, max_shard_size)
         (staging / "config.json").write_text(json.dumps(glm_config, indent=2), encoding="utf-8")
         shutil.copy2(hf_chatglm_dir / "tokenizer.model", staging / "tokenizer.model")

@@ -1,9 +1,9 @@
 """Engines that run an exported step graph: Paddle Inference's C++ predictor (the engine FastDeploy's Paddle
 backend wraps) and, where its runtime is installed, FastDeploy. Each is a callable feeds -> (logits, k, v)."""
 import json
+from pathlib import Path
 
 from errors import GlmTuneError, one_line
-from pathlib import Path
 
 
 class EngineError(GlmTuneError):

@@ -2,11 +2,11 @@
 
 Every check here runs before weights are read, so a wrong flag costs seconds, not a model load.
 """
-from errors import GlmTuneError, one_line
 import logging
 import pickle
 from pathlib import Path
 
+from errors import GlmTuneError, one_line
 from glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation_verdict, get_generation
 
 logger = logging.getLogger(__name__)

@@ -10,10 +10,11 @@ Rules (README, "What a command may overwrite"):
     the overwrite flag; an output file that is a folder (or a folder that is a file) is refused.
 Framework-free (no paddle / torch import), so qlora/ and ascend/ use the same rules.
 """
-from errors import GlmTuneError
 import json
 from pathlib import Path
 from typing import Callable, Dict, Optional
+
+from errors import GlmTuneError
 
 OWNER_MARKER = ".glm-tune-output.json"
 

@@ -6,7 +6,6 @@ against the single-process model built from the same config. The output folder i
 renamed into place, so a refused or failed merge leaves the target as it was (PaddleNLP #6137 is what happens when a
 merged file silently misses tensors).
 """
-from errors import GlmTuneError
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import GlmTuneError
 from glm_family import detect_generation, get_generation
 from output_guard import check_output_dir
 from utils import atomic_folder

@@ -213,6 +213,18 @@ def test_finetune_refuses_an_adapter_of_another_generation(tiny_dir, tmp_path):
                                                    r"--model_name_or_path is a chatglm checkpoint", tmp_path)
 
 
+def test_a_lora_of_another_generation_without_our_marker_is_refused_after_loading(tiny_dir, tmp_path):
+    """A LoRA folder from elsewhere carries no record of its base: its tensors must each find a place."""
+    from model_loading import apply_lora, load_model
+
+    lora = tmp_path / "lora_v2"
+    apply_lora(load_model(str(tiny_dir("chatglm2")), "chatglm2"), "chatglm2", 4, 8).save_pretrained(str(lora))
+    assert not (lora / OWNER_MARKER).exists()
+    base = copy_model(tiny_dir, "chatglm", tmp_path / "v1")
+    assert_refused(predict_generation.main, pr_argv(base, lora_path=lora),
+                   r"lora_v2 does not fit this base model: \d+ of its \d+ tensors have no place in it", tmp_path)
+
+
 def test_auto_resume_never_goes_past_max_steps(tiny_dir, tmp_path):
     """Same run, later checkpoint than --max_steps: refused before the model loads, not trained past."""
     model, task = copy_model(tiny_dir, "chatglm2", tmp_path / "model"), task_folder(tmp_path)
