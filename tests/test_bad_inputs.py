@@ -583,9 +583,9 @@ SCRIPT_CASES = [
     ("infer_generation.py", lambda t, m: ["--model_path", t / "nope"], r"is not a folder"),
     ("tools/convert_checkpoint.py", lambda t, m: ["--input_dir", m, "--output_dir", t / "o"], r"--to hf"),
     ("tools/merge_tp_shards.py", lambda t, m: [m, t / "o"], r"nothing to merge"),
-    ("tools/make_tiny_model.py", lambda t, m: ["--model_type", "chatglm2", "--output_dir", m], r"already exists"),
+    ("tools/make_tiny_model.py", lambda t, m: ["--model_type", "chatglm2", "--output_dir", t], r"already exists"),
     ("tools/make_demo_data.py", lambda t, m: ["--output_dir", m], r"already exists"),
-    ("tools/longbench_to_adgen.py", lambda t, m: ["--input_dir", t, "--prompt_config", t / "p.json",
+    ("tools/longbench_to_adgen.py", lambda t, m: ["--input_dir", m, "--prompt_config", t / "p.json",
                                                   "--output_file", t / "o.json"], r"p\.json: file not found"),
 ]
 
