@@ -20,13 +20,16 @@ class ArgumentError(GlmTuneError):
 
 def parse_dataclasses(groups, argv=None):
     """Parse argv (or one JSON config file) into the argument dataclasses `groups`; a value a dataclass
-    refuses becomes an ArgumentError naming the flag instead of a traceback."""
-    parser = PdArgumentParser(groups)
+    refuses becomes an ArgumentError naming the flag instead of a traceback. Every script also takes
+    --verbose (ConsoleArgument), which console.py reads from the command line before paddle loads."""
+    parser = PdArgumentParser((*groups, ConsoleArgument))
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-        return parser.parse_args_into_dataclasses(argv)
+            *parsed, _ = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        else:
+            *parsed, _ = parser.parse_args_into_dataclasses(argv)
+        return tuple(parsed)
     except ArgumentError:
         raise
     except (ValueError, TypeError, OSError) as err:
@@ -39,42 +42,59 @@ def require_flag(condition: bool, message: str) -> None:
 
 
 @dataclass
-class DataArgument:
+class LengthArgument:
+    src_length: int = field(default=128, metadata={"help": "Max tokens of the prompt (incl. special tokens); a "
+                                                           "longer prompt loses its oldest turns, then the end of "
+                                                           "the question (never the template)."})
+    tgt_length: int = field(default=128, metadata={"help": "Max tokens of the answer, end token included; also "
+                                                           "the max new tokens generated."})
+
+    def __post_init__(self):
+        require_flag(self.src_length > 2 and self.tgt_length > 1,
+                     f"--src_length ({self.src_length}) must exceed 2 and --tgt_length ({self.tgt_length}) must "
+                     "exceed 1 to hold the special tokens")
+
+
+@dataclass
+class DataArgument(LengthArgument):
+    """finetune_generation.py's data: the lengths plus the task folder and how to read it."""
     task_name_or_path: str = field(
         default=None,
         metadata={"help": "Folder holding train.json and dev.json (AdvertiseGen, instruction or BelleGroup records, "
                           "JSON lines or a JSON list)."},
     )
-    src_length: int = field(default=128, metadata={"help": "Max tokens of the prompt (incl. special tokens); "
-                                                           "longer prompts lose their oldest tokens."})
-    tgt_length: int = field(default=128, metadata={"help": "Max tokens of the answer, end token included; also "
-                                                           "the max new tokens generated at evaluation."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) "
                                                                     "instead of stopping at the first one."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N dev records "
                                                                             "only (generation is slow)."})
 
     def __post_init__(self):
-        require_flag(self.src_length > 2 and self.tgt_length > 1,
-               f"--src_length ({self.src_length}) must exceed 2 and --tgt_length ({self.tgt_length}) must exceed 1 "
-               "to hold the special tokens")
+        super().__post_init__()
         require_flag(self.max_eval_samples is None or self.max_eval_samples >= 1,
-               f"--max_eval_samples {self.max_eval_samples} must be at least 1 (omit it to evaluate every record)")
+                     f"--max_eval_samples {self.max_eval_samples} must be at least 1 (omit it to evaluate every "
+                     "record)")
 
 
 @dataclass
 class ModelArgument:
     model_name_or_path: str = field(default=None, metadata={"help": "Folder of a ChatGLM checkpoint (Paddle layout "
                                                                     "or Hugging Face layout) or a PaddleNLP name."})
-    model_type: Optional[str] = field(default=None, metadata={"help": "chatglm | chatglm2 | chatglm3; detected from "
-                                                                      "the checkpoint when omitted."})
-    lora: bool = field(default=False, metadata={"help": "Fine-tune LoRA adapters instead of all weights."})
+    model_type: Optional[str] = field(default=None, metadata={"help": "chatglm | chatglm2 | chatglm3; read from "
+                                                                      "the checkpoint (give it only to tell "
+                                                                      "ChatGLM2 from ChatGLM3 in a folder that "
+                                                                      "does not say)."})
     lora_path: Optional[str] = field(default=None, metadata={"help": "Folder of trained LoRA adapters to load."})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "Folder of trained prefixes to load."})
+
+
+@dataclass
+class TrainModelArgument(ModelArgument):
+    """finetune_generation.py's model flags: the checkpoint plus which adapters to train."""
+    lora: bool = field(default=False, metadata={"help": "Fine-tune LoRA adapters instead of all weights."})
     lora_rank: int = field(default=8, metadata={"help": "Rank of the LoRA update matrices."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (update scaled by alpha/rank)."})
     prefix_tuning: bool = field(default=False, metadata={"help": "Fine-tune P-Tuning v2 prefixes instead of "
                                                                  "all weights."})
-    prefix_path: Optional[str] = field(default=None, metadata={"help": "Folder of trained prefixes to load."})
     num_prefix_tokens: int = field(default=64, metadata={"help": "Number of prefix tokens per layer."})
 
 
@@ -121,12 +141,23 @@ class PredictArgument:
                                                                        "here, in input order."})
     batch_size: int = field(default=4, metadata={"help": "Prompts generated together (left-padded)."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling."})
-    merge_tensor_parallel_path: Optional[str] = field(default=None, metadata={
-        "help": "With a tensor-parallel checkpoint under paddle.distributed.launch: also write the merged "
-                "single-shard checkpoint (weights, config, tokenizer) to this folder."})
     overwrite: bool = field(default=False, metadata={
-        "help": "Replace an existing --output_file (or --merge_tensor_parallel_path folder) that this command "
-                "did not write; an earlier predictions file or merge is replaced without it."})
+        "help": "Replace an existing output that this command did not write; an earlier predictions file "
+                "(or merge) is replaced without it."})
 
     def __post_init__(self):
         require_flag(self.batch_size >= 1, f"--batch_size {self.batch_size} must be at least 1")
+
+
+@dataclass
+class DygraphPredictArgument(PredictArgument):
+    """predict_generation.py's flags: PredictArgument plus merging tensor-parallel shards."""
+    merge_tensor_parallel_path: Optional[str] = field(default=None, metadata={
+        "help": "With a tensor-parallel checkpoint under paddle.distributed.launch: also write the merged "
+                "single-shard checkpoint (weights, config, tokenizer) to this folder."})
+
+
+@dataclass
+class ConsoleArgument:
+    verbose: bool = field(default=False, metadata={"help": "Show the libraries' own start-up warnings and log lines "
+                                                           "(also GLM_TUNE_VERBOSE=1)."})

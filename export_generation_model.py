@@ -7,19 +7,20 @@ Writes OUT/chatglm.json + OUT/chatglm.pdiparams (the step graph, see step_model.
 OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaults) into OUT's folder;
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
+import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paddle
 
-from argument import DataArgument, ModelArgument, parse_dataclasses, require_flag
+from argument import LengthArgument, ModelArgument, parse_dataclasses, require_flag
 from errors import run_cli
 from model_loading import (ConfigurationError, apply_lora, check_adapter_flags, check_adapter_folders,
                            check_model_folder, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
 from output_guard import OutputRefused, check_output_dir, read_owner
 from step_model import GenerationStep, cache_shape, input_specs
-from utils import atomic_folder, atomic_write_json, quiet_library_logs
+from utils import atomic_folder, atomic_write_json
 
 COMMAND = "export_generation_model"
 DEFAULT_PREFIX = "chatglm"
@@ -76,7 +77,7 @@ def load_for_export(model_args, dtype: str):
     check_adapter_folders(model_args, generation)
     model = load_model(model_args.model_name_or_path, generation, dtype=dtype, use_cache=True)
     if model_args.lora_path:
-        model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path)
+        model = apply_lora(model, generation, lora_path=model_args.lora_path)
         model.merge()  # fold the adapters into the weights: the graph stays the base graph
         model = model.model
     model.eval()
@@ -118,9 +119,8 @@ def export(model, generation: str, tokenizer, output_path, dtype: str, data_args
 
 
 def main(argv=None) -> Path:
-    model_args, data_args, export_args = parse_dataclasses((ModelArgument, DataArgument, ExportArgument), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_library_logs()
+    model_args, data_args, export_args = parse_dataclasses((ModelArgument, LengthArgument, ExportArgument), argv)
+    console.setup_logging()
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
     out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite)

@@ -8,30 +8,30 @@
 
 `python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
 """
+import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 
 import paddle
 from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import set_seed
 
-from argument import DataArgument, GenerateArgument, GLMTrainingArguments, ModelArgument, parse_dataclasses
+from argument import DataArgument, GenerateArgument, GLMTrainingArguments, TrainModelArgument, parse_dataclasses
 from data import DataCollator, check_data_file, get_prompt_format, read_examples, task_file, tokenize_example
 from errors import run_cli
-from glm_trainer import (GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback, accuracy_metrics,
-                         argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
+from glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
+                         accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
 from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders,
                            check_lengths, check_model_folder, check_tensor_parallel, load_config, load_model,
                            load_tokenizer, resolve_checkpoint, resolve_generation)
 from output_guard import write_owner
 from run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir, latest_complete,
                              run_identity)
-from utils import quiet_library_logs
 
 logger = logging.getLogger("finetune_generation")
 
 
 def parse_arguments(argv=None):
-    return parse_dataclasses((ModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments), argv)
+    return parse_dataclasses((TrainModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments), argv)
 
 
 def validate(model_args, data_args, training_args) -> tuple:
@@ -92,7 +92,7 @@ def build_model(model_args, training_args, generation):
     return model
 
 
-def build_datasets(data_args, training_args, tokenizer, generation):
+def build_datasets(data_args, training_args, tokenizer, generation, gen_args=None):
     fmt = get_prompt_format(generation, tokenizer)
 
     def features(split, is_test=False):
@@ -112,7 +112,8 @@ def build_datasets(data_args, training_args, tokenizer, generation):
         if training_args.do_generation:
             prompts = [fmt.prompt_ids(e.src, e.history, data_args.src_length) for e in dev_examples]
             evaluator = GenerationEvaluator(tokenizer, generation, prompts, [e.tgt for e in dev_examples],
-                                            data_args.tgt_length, training_args.per_device_eval_batch_size)
+                                            data_args.tgt_length, training_args.per_device_eval_batch_size,
+                                            vars(gen_args) if gen_args else None)
     return train, dev, evaluator
 
 
@@ -149,8 +150,7 @@ def resume_checkpoint(training_args, output_state: str = "same_run"):
 def main(argv=None):
     """Run the job; returns (trainer, metrics) so tests can look inside."""
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_library_logs()
+    console.setup_logging()
     generation, run, output_state = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
@@ -160,14 +160,15 @@ def main(argv=None):
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():
-        return train_and_evaluate(model_args, data_args, training_args, generation, run, resume_from)
+        return train_and_evaluate(model_args, data_args, training_args, generation, run, resume_from, gen_args)
 
 
-def train_and_evaluate(model_args, data_args, training_args, generation, run=None, resume_from=None):
+def train_and_evaluate(model_args, data_args, training_args, generation, run=None, resume_from=None,
+                       gen_args=None):
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
-    train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation)
+    train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation, gen_args)
     if training_args.process_index == 0:  # the folder is this run's from here on
         write_owner(training_args.output_dir, COMMAND, run=run)
 
@@ -181,7 +182,8 @@ def train_and_evaluate(model_args, data_args, training_args, generation, run=Non
         compute_metrics=accuracy_metrics,
         preprocess_logits_for_metrics=argmax_logits,
         generation_evaluator=evaluator,
-        callbacks=[TrainingArtifactsCallback(training_args.output_dir)],
+        callbacks=[TrainingArtifactsCallback(training_args.output_dir),
+                   ConsoleProgress(len(train_ds) if train_ds is not None else None)],
     )
     use_safe_visualdl(trainer)
 

@@ -102,6 +102,48 @@ class VisualDLWithSafeHparams(VisualDLCallback):
         writer.add_hparams = add_hparams_as_text
 
 
+class ConsoleProgress(TrainerCallback):
+    """The run banner and one line per --logging_steps on the console, with or without tqdm. PaddleNLP prints
+    both through its own logger, which the suite keeps at WARNING to drop its per-file chatter."""
+
+    HIDDEN = ("runtime", "per_second", "global_step", "total_flos", "samples", "trained_tokens")
+
+    def __init__(self, num_examples: int = None):
+        self.num_examples = num_examples
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        replicas = max(args.dataset_world_size, 1)
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * replicas
+        examples = f"{self.num_examples} examples, " if self.num_examples is not None else ""
+        resumed = f", resuming after step {state.global_step}" if state.global_step else ""
+        write_console(f"training: {examples}{state.max_steps} steps, batch {args.per_device_train_batch_size} per "
+                      f"device x {args.gradient_accumulation_steps} accumulation x {replicas} data-parallel = "
+                      f"{per_step} examples per step{resumed}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        figures = [f"{k} {_short(v)}" for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not any(h in k for h in self.HIDDEN)]
+        if figures:
+            write_console(f"step {state.global_step}/{state.max_steps}: " + ", ".join(figures))
+
+
+def write_console(line: str) -> None:
+    """A line on stderr that leaves a running tqdm bar intact."""
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def use_safe_visualdl(trainer: Trainer) -> None:
     if any(isinstance(cb, VisualDLCallback) for cb in trainer.callback_handler.callbacks):
         trainer.pop_callback(VisualDLCallback)

@@ -5,19 +5,19 @@
         --output_file engine.json          # same contract as predict_generation.py: compare line by line
     python infer_generation.py --model_path ./checkpoints/infer --model_prefix chatglm --interactive True
 """
+import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from argument import GenerateArgument, PredictArgument, require_flag, parse_dataclasses
+from argument import GenerateArgument, PredictArgument, parse_dataclasses, require_flag
 from data import Example
 from errors import one_line, run_cli
 from glm_family import get_generation
 from inference_engine import check_export_folder, create_engine, read_description
 from predictor import StepEnginePredictor, check_predictions_target, load_prompts, report_predictions
 from step_model import StepFeeds
-from utils import quiet_library_logs
 
 logger = logging.getLogger("infer_generation")
 
@@ -93,8 +93,7 @@ def parse_arguments(argv=None):
 
 def main(argv=None):
     infer_args, gen_args, predict_args = parse_arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_library_logs()
+    console.setup_logging()
     check_predictions_target(predict_args.output_file, predict_args.overwrite,
                              {"--data_file": predict_args.data_file, "--model_path": infer_args.model_path})
     examples = None if infer_args.interactive else load_prompts(predict_args.data_file)

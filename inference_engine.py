@@ -72,6 +72,10 @@ class PaddleInferenceEngine:
         else:
             config.disable_mkldnn()
         config.switch_ir_optim(True)
+        from console import verbose_requested
+
+        if not verbose_requested():
+            config.disable_glog_info()  # a line per graph pass at every engine build
         try:
             self.predictor = inference.create_predictor(config)
         except (RuntimeError, ValueError, OSError, MemoryError) as err:

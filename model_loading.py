@@ -129,7 +129,7 @@ def check_tokenizer_file(folder, generation: str) -> None:
 
 
 def check_adapter_flags(model_args) -> None:
-    if model_args.lora and model_args.prefix_tuning:
+    if getattr(model_args, "lora", False) and getattr(model_args, "prefix_tuning", False):
         raise ConfigurationError("choose one of --lora True and --prefix_tuning True, not both")
     if model_args.lora_path and model_args.prefix_path:
         raise ConfigurationError("--lora_path and --prefix_path cannot be combined (only one adapter is applied); "
@@ -293,7 +293,7 @@ def init_lora_a(model, seed: int) -> None:
         param.set_value(paddle.to_tensor(shard, dtype=param.dtype))
 
 
-def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = None, dtype: str = "float32",
+def apply_lora(model, generation: str, rank: int = 8, alpha: int = 16, lora_path: str = None, dtype: str = "float32",
                seed: int = 42):
     """Wrap `model` with LoRA adapters on the generation's linear layers (trainable) or load trained ones."""
     from paddlenlp.peft import LoRAConfig, LoRAModel
@@ -316,7 +316,8 @@ def apply_lora(model, generation: str, rank: int, alpha: int, lora_path: str = N
     return model
 
 
-def apply_prefix(model, generation: str, num_prefix_tokens: int, prefix_path: str = None, dtype: str = "float32"):
+def apply_prefix(model, generation: str, num_prefix_tokens: int = 64, prefix_path: str = None,
+                 dtype: str = "float32"):
     """Wrap `model` with P-Tuning v2 prefixes (trainable key/value prefixes in every layer) or load trained ones."""
     from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
     from paddlenlp.peft.prefix import chatglm_postprocess_past_key_value

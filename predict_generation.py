@@ -7,11 +7,12 @@
     python -m paddle.distributed.launch --nproc_per_node 2 predict_generation.py --model_name_or_path TP_CKPT \
         --merge_tensor_parallel_path ./checkpoints/merged
 """
+import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 
 import paddle
 
-from argument import DataArgument, GenerateArgument, ModelArgument, PredictArgument, parse_dataclasses
+from argument import DygraphPredictArgument, GenerateArgument, LengthArgument, ModelArgument, parse_dataclasses
 from errors import run_cli
 from model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders, check_lengths,
                            check_model_folder, load_config, load_model, load_tokenizer, resolve_checkpoint,
@@ -19,13 +20,12 @@ from model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_
 from output_guard import check_output_dir
 from predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
 from tp_merge import MERGE_COMMAND, merge_tp_shards
-from utils import quiet_library_logs
 
 logger = logging.getLogger("predict_generation")
 
 
 def parse_arguments(argv=None):
-    return parse_dataclasses((ModelArgument, DataArgument, GenerateArgument, PredictArgument), argv)
+    return parse_dataclasses((ModelArgument, LengthArgument, GenerateArgument, DygraphPredictArgument), argv)
 
 
 def check_outputs(model_args, predict_args) -> None:
@@ -65,9 +65,9 @@ def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, ran
     model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,
                        tensor_parallel_rank=rank, use_cache=True)
     if model_args.lora_path:
-        model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path)
+        model = apply_lora(model, generation, lora_path=model_args.lora_path)
     elif model_args.prefix_path:
-        model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path)
+        model = apply_prefix(model, generation, prefix_path=model_args.prefix_path)
     model.eval()
     return DygraphPredictor(model, tokenizer, generation, src_length=data_args.src_length,
                             max_new_tokens=data_args.tgt_length, batch_size=predict_args.batch_size,
@@ -77,8 +77,7 @@ def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, ran
 
 def main(argv=None):
     model_args, data_args, gen_args, predict_args = parse_arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_library_logs()
+    console.setup_logging()
     check_outputs(model_args, predict_args)
     examples = load_prompts(predict_args.data_file)
     degree, rank = init_tensor_parallel()

@@ -88,14 +88,6 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def quiet_library_logs() -> None:
-    """PaddleNLP and jieba log every file they touch at INFO; keep their warnings, drop the chatter."""
-    from paddlenlp.utils.log import logger as paddlenlp_logger
-
-    paddlenlp_logger.set_level("WARNING")
-    logging.getLogger("jieba").setLevel(logging.WARNING)
-
-
 @contextmanager
 def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dict = None,
                   flag: str = "--output_dir", replace: bool = True, overwrite_flag: str = "--overwrite True",

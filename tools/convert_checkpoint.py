@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+
 from checkpoint_convert import ConversionError, convert_hf_to_paddle, convert_paddle_to_hf  # noqa: E402
 from errors import run_cli  # noqa: E402
 
@@ -35,8 +37,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--max_shard_size", default="2GB", help="largest output file, e.g. 2GB or 500MB")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output_dir that this command did not write")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.setup_logging(args.verbose)
     if not Path(args.input_dir).is_dir():
         raise ConversionError(f"--input_dir {args.input_dir} is not a folder; pass the checkpoint folder to convert")
     if args.to == "glm":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+
 import numpy as np  # noqa: E402
 
 from glm_family import GENERATION_KEY, get_generation  # noqa: E402
@@ -211,6 +213,8 @@ def main(argv=None) -> None:
                              "--overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output_dir that this command did not write")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
     parser.add_argument("--format", default="paddle", choices=["paddle", "hf", "glm"],
                         help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout; glm: "
                              "transformers' GlmForCausalLM layout for qlora/ (v2/v3 only)")
@@ -231,6 +235,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_shard_size", default=None,
                         help="hf format only: split safetensors into shards of at most this size, e.g. 200KB")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     sizes = {k: getattr(args, k) for k in DEFAULT_SIZES}
     sizes["vocab_size"] = args.vocab_size
     sizes["rope_ratio"] = args.rope_ratio

@@ -10,6 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+
 from errors import run_cli  # noqa: E402
 from tp_merge import merge_tp_shards  # noqa: E402
 
@@ -21,7 +23,10 @@ def main(argv=None) -> None:
                                            "one only if an earlier merge wrote it, or with --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output_dir that no merge wrote")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
     args = parser.parse_args(argv)
+    console.setup_logging(args.verbose)
     out = merge_tp_shards(args.checkpoint_dir, args.output_dir, args.overwrite)
     print(f"merged into {out}", file=sys.stderr)
 
