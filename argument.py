@@ -11,7 +11,7 @@ from typing import Optional
 
 from paddlenlp.trainer import PdArgumentParser, TrainingArguments
 
-from errors import GlmTuneError
+from glm_tune.errors import GlmTuneError
 
 
 class ArgumentError(GlmTuneError):

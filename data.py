@@ -25,7 +25,7 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from errors import GlmTuneError
+from glm_tune.errors import GlmTuneError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Writes OUT/chatglm.json + OUT/chatglm.pdiparams (the step graph, see step_model.
 OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaults) into OUT's folder;
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
-import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +15,13 @@ from pathlib import Path
 import paddle
 
 from argument import LengthArgument, ModelArgument, parse_dataclasses, require_flag
-from errors import run_cli
-from model_loading import (ConfigurationError, apply_lora, check_adapter_flags, check_adapter_folders,
-                           check_model_folder, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
-from output_guard import OutputRefused, check_output_dir, read_owner
-from step_model import GenerationStep, cache_shape, input_specs
-from utils import atomic_folder, atomic_write_json
+from glm_tune.errors import run_cli
+from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, check_adapter_folders,
+                                    check_model_folder, load_model, load_tokenizer, resolve_checkpoint,
+                                    resolve_generation)
+from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
+from glm_tune.deployment.step_model import GenerationStep, cache_shape, input_specs
+from glm_tune.safe_output import atomic_folder, atomic_write_json
 
 COMMAND = "export_generation_model"
 DEFAULT_PREFIX = "chatglm"

@@ -8,7 +8,7 @@
 
 `python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
 """
-import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 
 import paddle
@@ -17,15 +17,16 @@ from paddlenlp.trainer import set_seed
 
 from argument import DataArgument, GenerateArgument, GLMTrainingArguments, TrainModelArgument, parse_dataclasses
 from data import DataCollator, check_data_file, get_prompt_format, read_examples, task_file, tokenize_example
-from errors import run_cli
-from glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
-                         accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl, write_run_summary)
-from model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders,
-                           check_lengths, check_model_folder, check_tensor_parallel, load_config, load_model,
-                           load_tokenizer, resolve_checkpoint, resolve_generation)
-from output_guard import write_owner
-from run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir, latest_complete,
-                             run_identity)
+from glm_tune.errors import run_cli
+from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
+                                           accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl,
+                                           write_run_summary)
+from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags,
+                                    check_adapter_folders, check_lengths, check_model_folder, check_tensor_parallel,
+                                    load_config, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
+from glm_tune.safe_output import write_owner
+from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir,
+                                               latest_complete, run_identity)
 
 logger = logging.getLogger("finetune_generation")
 
@@ -154,7 +155,7 @@ def main(argv=None):
     generation, run, output_state = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
-        import tp_cpu_compat
+        from glm_tune.training import tp_cpu_compat
 
         tp_cpu_compat.install()
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per

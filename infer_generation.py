@@ -5,7 +5,7 @@
         --output_file engine.json          # same contract as predict_generation.py: compare line by line
     python infer_generation.py --model_path ./checkpoints/infer --model_prefix chatglm --interactive True
 """
-import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -13,11 +13,12 @@ from typing import Optional
 
 from argument import GenerateArgument, PredictArgument, parse_dataclasses, require_flag
 from data import Example
-from errors import one_line, run_cli
-from glm_family import get_generation
-from inference_engine import check_export_folder, create_engine, read_description
-from predictor import StepEnginePredictor, check_predictions_target, load_prompts, report_predictions
-from step_model import StepFeeds
+from glm_tune.errors import one_line, run_cli
+from glm_tune.glm_family import get_generation
+from glm_tune.deployment.inference_engine import check_export_folder, create_engine, read_description
+from glm_tune.deployment.predictor import (StepEnginePredictor, check_predictions_target, load_prompts,
+                                           report_predictions)
+from glm_tune.deployment.step_model import StepFeeds
 
 logger = logging.getLogger("infer_generation")
 

@@ -7,19 +7,19 @@
     python -m paddle.distributed.launch --nproc_per_node 2 predict_generation.py --model_name_or_path TP_CKPT \
         --merge_tensor_parallel_path ./checkpoints/merged
 """
-import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
 import logging
 
 import paddle
 
 from argument import DygraphPredictArgument, GenerateArgument, LengthArgument, ModelArgument, parse_dataclasses
-from errors import run_cli
-from model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders, check_lengths,
-                           check_model_folder, load_config, load_model, load_tokenizer, resolve_checkpoint,
-                           resolve_generation)
-from output_guard import check_output_dir
-from predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
-from tp_merge import MERGE_COMMAND, merge_tp_shards
+from glm_tune.errors import run_cli
+from glm_tune.model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders, check_lengths,
+                                    check_model_folder, load_config, load_model, load_tokenizer, resolve_checkpoint,
+                                    resolve_generation)
+from glm_tune.safe_output import check_output_dir
+from glm_tune.deployment.predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
+from glm_tune.conversion.tp_merge import MERGE_COMMAND, merge_tp_shards
 
 logger = logging.getLogger("predict_generation")
 
@@ -45,7 +45,7 @@ def init_tensor_parallel() -> tuple:
         return 1, 0
     from paddle.distributed import fleet
 
-    import tp_cpu_compat
+    from glm_tune.training import tp_cpu_compat
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": world, "pp_degree": 1}

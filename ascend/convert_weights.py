@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
-from output_guard import OutputRefused, check_output_dir  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
+from glm_tune.safe_output import OutputRefused, check_output_dir  # noqa: E402
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_weight"
@@ -117,8 +117,8 @@ def ms_to_hf(input_file, config_dir, output_dir, dtype: str = None, adapter_conf
 
     import mindspore as ms
 
-    from hf_layout import write_safetensors_shards
-    from utils import atomic_folder
+    from glm_tune.conversion.hf_layout import write_safetensors_shards
+    from glm_tune.safe_output import atomic_folder
 
     input_file, config_dir, output_dir = Path(input_file), Path(config_dir), Path(output_dir)
     inputs = {"--input_file": input_file, "--config_dir": config_dir}

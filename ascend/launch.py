@@ -20,7 +20,7 @@ def parser_for(doc: str, default_config: str) -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, task: str, body, argv=None):
     """Parse, load and check the recipe for `task`, print what will run, then `body(config, args)`."""
-    from checkpoint_convert import ConversionError
+    from glm_tune.conversion.checkpoint_convert import ConversionError
     from data import DataFormatError
 
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ def main(argv=None):
 
         import tasks
         from data import read_examples
-        from utils import atomic_write_text
+        from glm_tune.safe_output import atomic_write_text
 
         queries = list(args.query)
         if args.input_file:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils import atomic_write_json  # noqa: E402
+from glm_tune.safe_output import atomic_write_json  # noqa: E402
 
 
 class RankTableError(ValueError):

@@ -159,7 +159,7 @@ def apply_model_dir(config, model_dir, output_dir: Path, load_checkpoint: Option
     vocab = model_dir / "tokenizer.model"
     if not vocab.is_file():
         raise RecipeError(f"--model_dir {model_dir}: no tokenizer.model")
-    from glm_family import NotAChatGLMCheckpoint, detect_generation
+    from glm_tune.glm_family import NotAChatGLMCheckpoint, detect_generation
 
     try:
         generation = detect_generation(model_dir)

@@ -16,8 +16,8 @@ for folder in (ASCEND, ROOT):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from checkpoint_convert import ConversionError  # noqa: E402
-from utils import atomic_write_json, atomic_write_text  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import ConversionError  # noqa: E402
+from glm_tune.safe_output import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def start(config) -> None:
@@ -207,7 +207,7 @@ def export(config, file_stem: str = "glm2") -> Path:
     """MindIR of one forward pass over [batch_size, seq_length] token ids (mindspore.export)."""
     import mindspore as ms
 
-    from utils import atomic_folder
+    from glm_tune.safe_output import atomic_folder
 
     start(config)
     network = build_network(config)

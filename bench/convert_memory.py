@@ -21,8 +21,8 @@ from memory import peak_rss_mb  # noqa: E402
 
 
 def child(args) -> None:
-    import checkpoint_convert
-    from glm_family import get_generation
+    from glm_tune.conversion import checkpoint_convert
+    from glm_tune.glm_family import get_generation
 
     get_generation("chatglm2").classes()  # the baseline pays the same imports (paddlenlp, paddle)
 
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     if args.mode:
         child(args)
         return
-    from hf_layout import parse_size
+    from glm_tune.conversion.hf_layout import parse_size
     from tools.make_tiny_model import make_tiny_model
 
     work = Path(args.work_dir)

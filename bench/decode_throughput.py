@@ -66,8 +66,8 @@ def engine_times(engine, feeds_builder, prompt, new_tokens, repeats):
 def measure(size_name, args):
     import export_generation_model
     from argument import DataArgument
-    from inference_engine import PaddleInferenceEngine
-    from step_model import StepFeeds
+    from glm_tune.deployment.inference_engine import PaddleInferenceEngine
+    from glm_tune.deployment.step_model import StepFeeds
     from tools.make_tiny_model import build_tiny_model
 
     model, tokenizer = build_tiny_model(args.model_type, sizes=SIZES[size_name])

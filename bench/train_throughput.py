@@ -26,7 +26,7 @@ def measure(args) -> dict:
     import paddle
 
     from data import DataCollator, get_prompt_format, read_examples, tokenize_example
-    from model_loading import apply_lora
+    from glm_tune.model_loading import apply_lora
     from tools.make_demo_data import make_demo_data
     from tools.make_tiny_model import build_tiny_model
 

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from data import Example, get_prompt_format  # noqa: E402  (framework-free)
-from glm_family import detect_generation  # noqa: E402
+from glm_tune.glm_family import detect_generation  # noqa: E402
 
 STOP_COMMANDS = {"chatglm3": ("<|user|>", "<|observation|>")}
 

@@ -12,9 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the main suite on the path)
-from errors import run_cli  # noqa: E402
-from output_guard import check_output_dir  # noqa: E402
-from utils import atomic_folder  # noqa: E402
+from glm_tune.errors import run_cli  # noqa: E402
+from glm_tune.safe_output import atomic_folder, check_output_dir  # noqa: E402
 
 
 def merge(lora_model, output_dir, base_model=None, overwrite: bool = False) -> Path:

@@ -21,9 +21,9 @@ import export_generation_model
 import finetune_generation
 import infer_generation
 import predict_generation
-from errors import run_cli
-from output_guard import OWNER_MARKER
-from run_checkpoints import COMPLETE_MARKER
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import OWNER_MARKER
+from glm_tune.training.run_checkpoints import COMPLETE_MARKER
 from tools import convert_checkpoint, longbench_to_adgen, make_demo_data, make_tiny_model, merge_tp_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_finetune_refuses_an_adapter_of_another_generation(tiny_dir, tmp_path):
 
 def test_a_lora_of_another_generation_without_our_marker_is_refused_after_loading(tiny_dir, tmp_path):
     """A LoRA folder from elsewhere carries no record of its base: its tensors must each find a place."""
-    from model_loading import apply_lora, load_model
+    from glm_tune.model_loading import apply_lora, load_model
 
     lora = tmp_path / "lora_v2"
     apply_lora(load_model(str(tiny_dir("chatglm2")), "chatglm2"), "chatglm2", 4, 8).save_pretrained(str(lora))
@@ -229,7 +229,7 @@ def test_auto_resume_never_goes_past_max_steps(tiny_dir, tmp_path):
     """Same run, later checkpoint than --max_steps: refused before the model loads, not trained past."""
     model, task = copy_model(tiny_dir, "chatglm2", tmp_path / "model"), task_folder(tmp_path)
     args = finetune_generation.parse_arguments(ft_argv(model, task, tmp_path / "x"))
-    from run_checkpoints import run_identity
+    from glm_tune.training.run_checkpoints import run_identity
 
     run = run_identity(args[0], args[1], args[3], "chatglm2")
     out = owned_run_folder(tmp_path, run, [2, 4])
@@ -238,7 +238,7 @@ def test_auto_resume_never_goes_past_max_steps(tiny_dir, tmp_path):
 
 
 def test_overwrite_output_dir_drops_another_runs_checkpoints_and_never_resumes_them(tiny_dir, tmp_path):
-    from run_checkpoints import claim_output_dir
+    from glm_tune.training.run_checkpoints import claim_output_dir
 
     out = owned_run_folder(tmp_path, {"seed": 7}, [4])
     write(out / "notes.txt", "kept")
@@ -448,7 +448,7 @@ def test_convert_into_a_folder_holding_other_models_deletes_nothing(tiny_hf_dir,
 
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tiny_dir, tmp_path_factory):
-    from checkpoint_convert import convert_paddle_to_hf
+    from glm_tune.conversion.checkpoint_convert import convert_paddle_to_hf
 
     return convert_paddle_to_hf(tiny_dir("chatglm2"), tmp_path_factory.mktemp("hf") / "chatglm2-hf")
 

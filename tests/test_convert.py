@@ -7,9 +7,10 @@ import numpy as np
 import paddle
 import pytest
 
-from checkpoint_convert import ConversionError, HFWeights, convert_hf_to_paddle, convert_paddle_to_hf
-from hf_layout import SAFETENSORS_INDEX
-from model_loading import load_model
+from glm_tune.conversion.checkpoint_convert import (ConversionError, HFWeights, convert_hf_to_paddle,
+                                                     convert_paddle_to_hf)
+from glm_tune.conversion.hf_layout import SAFETENSORS_INDEX
+from glm_tune.model_loading import load_model
 from tools.make_tiny_model import make_tiny_model
 
 from .conftest import GENERATIONS
@@ -58,7 +59,7 @@ def test_hf_to_paddle_to_hf_is_bit_identical(model_type, tiny_hf, tiny_dir, tmp_
 def glm_logits_match(hf_dir, paddle_dir, model_type):
     import torch
 
-    from hf_glm import build_glm_model
+    from glm_tune.conversion.hf_glm import build_glm_model
 
     reference = build_glm_model(hf_tensors(hf_dir), json.loads((Path(hf_dir) / "config.json").read_text()))
     model = load_model(str(paddle_dir), model_type)
@@ -134,7 +135,7 @@ def damaged_copy(hf_dir, out_dir, drop=None, add=None, reshape=None):
     """Rewrite the HF checkpoint as one safetensors file with a tensor dropped, added or reshaped."""
     import shutil
 
-    from safetensors_io import write_safetensors
+    from glm_tune.conversion.safetensors_io import write_safetensors
 
     shutil.copytree(hf_dir, out_dir)
     tensors = hf_tensors(hf_dir)

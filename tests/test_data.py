@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from data import (IGNORE_INDEX, DataCollator, DataFormatError, Example, chatglm_attention_mask,
-                  chatglm_position_ids, get_prompt_format, read_examples, task_file, tokenize_example)
+from data import (IGNORE_INDEX, DataCollator, DataFormatError, Example, chatglm_attention_mask, chatglm_position_ids,
+                   get_prompt_format, read_examples, task_file, tokenize_example)
 
 HAND_WRITTEN = Example("颜色#白色", "白色调清爽干净。", [("你好", "你好！")])
 
@@ -218,7 +218,7 @@ def test_demo_data_is_deterministic(tmp_path):
 
 
 def test_longbench_conversion_golden(tmp_path):
-    from errors import run_cli
+    from glm_tune.errors import run_cli
     from tools.longbench_to_adgen import main
 
     (tmp_path / "lb").mkdir()
@@ -247,7 +247,7 @@ def test_longbench_conversion_golden(tmp_path):
 
 
 def test_decoding_skips_ids_of_the_padded_vocabulary(tiny_tokenizer):
-    from generation import cut_at_stop, decode_answer, stop_token_ids
+    from glm_tune.generation import cut_at_stop, decode_answer, stop_token_ids
 
     tok = tiny_tokenizer("chatglm3")
     ids = tok.tokenizer.encode("白色调清爽干净")

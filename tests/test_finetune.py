@@ -12,9 +12,9 @@ import pytest
 
 import finetune_generation
 from data import DataCollator, Example, get_prompt_format, tokenize_example
-from glm_family import NotAChatGLMCheckpoint
-from glm_trainer import read_log_history
-from model_loading import ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer
+from glm_tune.glm_family import NotAChatGLMCheckpoint
+from glm_tune.training.glm_trainer import read_log_history
+from glm_tune.model_loading import ConfigurationError, apply_lora, apply_prefix, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import finetune_generation
 import infer_generation
 import predict_generation
 from data import Example, read_examples
-from model_loading import load_model, load_tokenizer
-from tp_merge import ShardMergeError, merge_tp_shards
+from glm_tune.model_loading import load_model, load_tokenizer
+from glm_tune.conversion.tp_merge import ShardMergeError, merge_tp_shards
 
 from .conftest import GENERATIONS
 from .test_finetune import batch_logits, finetune_argv
@@ -120,7 +120,7 @@ def test_interactive_mode_answers_and_keeps_history(trained, tmp_path):
 
 def split_into_shards(model_dir, out_dir, degree=2):
     """Write `model_dir` as a tensor-parallel checkpoint with PaddleNLP's own split functions."""
-    from glm_family import detect_generation, get_generation
+    from glm_tune.glm_family import detect_generation, get_generation
 
     generation = detect_generation(model_dir)
     config_class, model_class, _ = get_generation(generation).classes()

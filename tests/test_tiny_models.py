@@ -7,8 +7,8 @@ import pytest
 from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data import DataCollator, Example, get_prompt_format, tokenize_example
-from glm_family import NotAChatGLMCheckpoint, detect_generation
-from hf_layout import SAFETENSORS_INDEX, needs_transpose, paddle_to_hf_name
+from glm_tune.glm_family import NotAChatGLMCheckpoint, detect_generation
+from glm_tune.conversion.hf_layout import SAFETENSORS_INDEX, needs_transpose, paddle_to_hf_name
 from tools.make_tiny_model import build_tiny_model, make_tiny_model
 
 from .conftest import GENERATIONS

@@ -11,7 +11,7 @@ import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 from paddle.distributed import fleet  # noqa: E402
 
-import tp_cpu_compat  # noqa: E402
+from glm_tune.training import tp_cpu_compat  # noqa: E402
 
 strategy = fleet.DistributedStrategy()
 strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 2, "pp_degree": 1}

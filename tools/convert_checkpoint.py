@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
 
-from checkpoint_convert import ConversionError, convert_hf_to_paddle, convert_paddle_to_hf  # noqa: E402
-from errors import run_cli  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import (ConversionError, convert_hf_to_paddle,  # noqa: E402
+                                                     convert_paddle_to_hf)
+from glm_tune.errors import run_cli  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -44,7 +45,7 @@ def main(argv=None) -> Path:
     if not Path(args.input_dir).is_dir():
         raise ConversionError(f"--input_dir {args.input_dir} is not a folder; pass the checkpoint folder to convert")
     if args.to == "glm":
-        from hf_glm import save_glm_checkpoint
+        from glm_tune.conversion.hf_glm import save_glm_checkpoint
 
         out = save_glm_checkpoint(args.input_dir, args.output_dir, args.max_shard_size, args.overwrite)
     else:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from errors import run_cli  # noqa: E402
-from output_guard import check_output_dir, write_owner  # noqa: E402
+from glm_tune.errors import run_cli  # noqa: E402
+from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
 
 COMMAND = "make_demo_data"
 

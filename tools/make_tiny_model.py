@@ -22,14 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
 
 import numpy as np  # noqa: E402
 
-from glm_family import GENERATION_KEY, get_generation  # noqa: E402
-from errors import run_cli  # noqa: E402
-from output_guard import check_output_dir  # noqa: E402
-from utils import atomic_folder  # noqa: E402
+from glm_tune.glm_family import GENERATION_KEY, get_generation  # noqa: E402
+from glm_tune.errors import run_cli  # noqa: E402
+from glm_tune.safe_output import atomic_folder, check_output_dir  # noqa: E402
 from tools.make_demo_data import make_record  # noqa: E402
 
 CORPUS_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
@@ -166,7 +165,7 @@ def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_se
     config = build_config(model_type, tokenizer, sizes, max_sequence_length)
     paddle.seed(seed)
     model = model_class(config)
-    from model_loading import apply_rope_ratio
+    from glm_tune.model_loading import apply_rope_ratio
 
     apply_rope_ratio(model)
     model.eval()
@@ -182,7 +181,7 @@ def save_paddle(model, tokenizer, output_dir: Path) -> None:
 def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int = 42, sizes: dict = None,
                     max_sequence_length: int = 2048, max_shard_size: str = None, overwrite: bool = False) -> Path:
     """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed)."""
-    from hf_layout import save_hf_checkpoint
+    from glm_tune.conversion.hf_layout import save_hf_checkpoint
 
     output_dir = check_output_dir(output_dir, "make_tiny_model", overwrite=overwrite)
     model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length)
@@ -192,7 +191,7 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
         elif fmt == "hf":
             save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size=max_shard_size)
         else:  # transformers' GLM layout, through the THUDM layout (the same path real checkpoints take)
-            from hf_glm import save_glm_checkpoint
+            from glm_tune.conversion.hf_glm import save_glm_checkpoint
 
             save_hf_checkpoint(model, tokenizer, model_type, staging / "hf")
             save_glm_checkpoint(staging / "hf", staging / "glm", max_shard_size=max_shard_size or "2GB")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
 
-from errors import run_cli  # noqa: E402
-from tp_merge import merge_tp_shards  # noqa: E402
+from glm_tune.errors import run_cli  # noqa: E402
+from glm_tune.conversion.tp_merge import merge_tp_shards  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -15,11 +15,11 @@ sys.path.insert(0, str(ASCEND))
 sys.path.insert(0, str(ROOT))
 
 import convert_weights  # noqa: E402
-from checkpoint_convert import HFWeights  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import HFWeights  # noqa: E402
 
 PADDLE_LOGITS = """
 import sys, numpy as np, paddle
-from model_loading import load_model
+from glm_tune.model_loading import load_model
 model = load_model(sys.argv[1], sys.argv[2]); model.eval()
 ids = np.load(sys.argv[3])
 with paddle.no_grad():

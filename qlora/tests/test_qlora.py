@@ -117,7 +117,7 @@ def test_torchrun_two_cpu_processes(tiny_glm, instruction_data, tmp_path):
 
 
 def test_merge_refuses_a_folder_it_did_not_write_before_loading_anything(tmp_path):
-    from output_guard import OutputRefused
+    from glm_tune.safe_output import OutputRefused
 
     target = tmp_path / "models"
     (target / "other_model").mkdir(parents=True)

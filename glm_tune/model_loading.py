@@ -6,8 +6,8 @@ import logging
 import pickle
 from pathlib import Path
 
-from errors import GlmTuneError, one_line
-from glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation_verdict, get_generation
+from glm_tune.errors import GlmTuneError, one_line
+from glm_tune.glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation_verdict, get_generation
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def converted_cache_dir(hf_dir: Path) -> Path:
 
 def resolve_checkpoint(model_name_or_path: str, model_type: str = None) -> str:
     """The folder to load: itself, or for a Hugging Face layout folder its Paddle conversion (made once, cached)."""
-    from checkpoint_convert import convert_hf_to_paddle, is_hf_checkpoint
+    from glm_tune.conversion.checkpoint_convert import convert_hf_to_paddle, is_hf_checkpoint
 
     if not model_name_or_path or not is_hf_checkpoint(model_name_or_path):
         return model_name_or_path
@@ -142,7 +142,7 @@ ADAPTER_FILES = {"lora_path": ("lora_config.json", "lora_model_state"),
 
 def check_adapter_folders(model_args, generation: str) -> None:
     """--lora_path / --prefix_path is an adapter folder trained on this generation."""
-    from output_guard import read_owner
+    from glm_tune.safe_output import read_owner
 
     for flag, (config_name, weights_stem) in ADAPTER_FILES.items():
         path = getattr(model_args, flag)
@@ -257,7 +257,7 @@ def apply_rope_ratio(model) -> None:
     ratio = getattr(model.config, "rope_ratio", None)
     if not ratio or ratio == 1 or not hasattr(model, "chatglm_v2"):
         return
-    from scaled_rotary import ScaledRotaryEmbedding
+    from glm_tune.scaled_rotary import ScaledRotaryEmbedding
 
     base = model.chatglm_v2
     scaled = ScaledRotaryEmbedding(base.rotary_pos_emb.dim, 10000.0 * ratio)

@@ -9,9 +9,10 @@ import numpy as np
 from paddlenlp.trainer import Trainer, TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
-from generation import decode_answer, generate_ids
-from run_checkpoints import mark_complete
-from utils import atomic_write_json, compute_metrics, token_accuracy
+from glm_tune.generation import decode_answer, generate_ids
+from glm_tune.training.run_checkpoints import mark_complete
+from glm_tune.safe_output import atomic_write_json
+from utils import compute_metrics, token_accuracy
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import GlmTuneError, one_line
-from glm_family import GENERATION_KEY, detect_generation, get_generation
-from hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
-                       paddle_to_hf_name, parse_size, write_safetensors_shards)
-from output_guard import check_output_dir
-from utils import atomic_folder
+from glm_tune.errors import GlmTuneError, one_line
+from glm_tune.glm_family import GENERATION_KEY, detect_generation, get_generation
+from glm_tune.conversion.hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle,
+                                           hf_tokenizer_config, needs_transpose, paddle_to_hf_name, parse_size,
+                                           write_safetensors_shards)
+from glm_tune.safe_output import atomic_folder, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class HFWeights:
 
     def _scan(self, path):
         if self.kind == "safetensors":
-            from safetensors_io import SafetensorsReader
+            from glm_tune.conversion.safetensors_io import SafetensorsReader
 
             reader = SafetensorsReader(path)
             self._open[path] = reader

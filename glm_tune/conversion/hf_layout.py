@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm_family import GENERATION_KEY, get_generation
+from glm_tune.glm_family import GENERATION_KEY, get_generation
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PADDLE_PREFIX = {"chatglm": "chatglm.transformer.", "chatglm_v2": "chatglm_v2."}
@@ -83,7 +83,7 @@ def parse_size(size) -> int:
 def write_safetensors_shards(tensors: dict, output_dir: Path, max_shard_size=None, metadata=None) -> list:
     """Write `tensors` (name -> numpy array) as one model.safetensors or as numbered shards plus the index
     file Hugging Face reads. Returns the file names written."""
-    from safetensors_io import write_safetensors as save_file
+    from glm_tune.conversion.safetensors_io import write_safetensors as save_file
 
     limit = parse_size(max_shard_size) if max_shard_size else None
     shards, current, current_size = [], {}, 0

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import GlmTuneError
+from glm_tune.errors import GlmTuneError
 
 GENERATION_KEY = "chatglm_generation"
 

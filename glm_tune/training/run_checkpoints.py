@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from output_guard import OutputRefused, check_not_input, check_not_working_folder, folder_is_empty, read_owner
+from glm_tune.safe_output import OutputRefused, check_not_input, check_not_working_folder, folder_is_empty, read_owner
 
 COMMAND = "finetune_generation"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -36,7 +36,7 @@ def checkpoint_step(folder) -> int:
 
 def mark_complete(folder) -> None:
     """Write the completion marker last: the checkpoint counts only once every file it lists is whole."""
-    from utils import atomic_write_json
+    from glm_tune.safe_output import atomic_write_json
 
     folder = Path(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))

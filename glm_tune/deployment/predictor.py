@@ -8,7 +8,7 @@ from typing import List
 import numpy as np
 
 from data import Example, get_prompt_format
-from generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
+from glm_tune.generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def report_predictions(examples: List[Example], outputs: List[str], output_file=
 
 def write_predictions(path, examples: List[Example], outputs: List[str]) -> None:
     """JSON lines {"prompt", "output"} in input order, written atomically."""
-    from utils import atomic_write_text
+    from glm_tune.safe_output import atomic_write_text
 
     lines = [json.dumps({"prompt": e.src, "output": o}, ensure_ascii=False) + "\n" for e, o in zip(examples, outputs)]
     atomic_write_text(Path(path), "".join(lines))
@@ -144,7 +144,7 @@ def is_predictions_file(path) -> bool:
 
 def check_predictions_target(output_file, overwrite: bool, inputs: dict) -> None:
     """Refuse an --output_file that is an input, a folder, or a file this command did not write."""
-    from output_guard import check_output_file
+    from glm_tune.safe_output import check_output_file
 
     if output_file:
         check_output_file(output_file, "--output_file", inputs, overwrite, is_predictions_file)

@@ -116,11 +116,10 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwr
     import shutil
     from pathlib import Path
 
-    from checkpoint_convert import HFWeights
-    from glm_family import GENERATION_KEY, detect_generation
-    from hf_layout import write_safetensors_shards
-    from output_guard import check_output_dir
-    from utils import atomic_folder
+    from glm_tune.conversion.checkpoint_convert import HFWeights
+    from glm_tune.glm_family import GENERATION_KEY, detect_generation
+    from glm_tune.conversion.hf_layout import write_safetensors_shards
+    from glm_tune.safe_output import atomic_folder, check_output_dir
 
     hf_chatglm_dir, output_dir = Path(hf_chatglm_dir), Path(output_dir)
     inputs = {"--input_dir": hf_chatglm_dir}

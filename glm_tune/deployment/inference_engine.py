@@ -3,7 +3,7 @@ backend wraps) and, where its runtime is installed, FastDeploy. Each is a callab
 import json
 from pathlib import Path
 
-from errors import GlmTuneError, one_line
+from glm_tune.errors import GlmTuneError, one_line
 
 
 class EngineError(GlmTuneError):
@@ -40,7 +40,7 @@ def read_description(model_path, model_prefix: str) -> dict:
 
 def check_export_folder(model_path, model_prefix: str, generation: str) -> None:
     """The graph, its weights and the tokenizer are all there before the engine is built."""
-    from model_loading import check_tokenizer_file
+    from glm_tune.model_loading import check_tokenizer_file
 
     base = Path(model_path) / model_prefix
     for suffix, what in ((".json", "graph"), (".pdiparams", "weights")):
@@ -72,7 +72,7 @@ class PaddleInferenceEngine:
         else:
             config.disable_mkldnn()
         config.switch_ir_optim(True)
-        from console import verbose_requested
+        from glm_tune.console import verbose_requested
 
         if not verbose_requested():
             config.disable_glog_info()  # a line per graph pass at every engine build

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import GlmTuneError
-from glm_family import detect_generation, get_generation
-from output_guard import check_output_dir
-from utils import atomic_folder
+from glm_tune.errors import GlmTuneError
+from glm_tune.glm_family import detect_generation, get_generation
+from glm_tune.safe_output import atomic_folder, check_output_dir
 
 MERGE_COMMAND = "merge_tp_shards"  # offline and under the launcher: one kind of output
 SHARD_PATTERN = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
@@ -41,7 +40,7 @@ def shard_files(checkpoint_dir: Path, degree: int) -> list:
 
 def single_process_shapes(config, generation: str) -> dict:
     """Parameter shapes of the single-process model the shards came from, without allocating its weights."""
-    from checkpoint_convert import expected_shapes
+    from glm_tune.conversion.checkpoint_convert import expected_shapes
 
     single = config.__class__.from_dict({**config.to_dict(), "tensor_parallel_degree": 1, "tensor_parallel_rank": 0})
     return expected_shapes(single, generation)
@@ -80,7 +79,7 @@ def merge_tp_shards(checkpoint_dir, output_dir, overwrite: bool = False, flag: s
     `output_dir`. Raises ShardMergeError before writing anything when the shards do not fit the config."""
     import paddle
 
-    from checkpoint_convert import ConversionError, load_paddle_file
+    from glm_tune.conversion.checkpoint_convert import ConversionError, load_paddle_file
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.is_dir():

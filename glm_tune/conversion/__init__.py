@@ -1,0 +1,1 @@
+"""Checkpoint layouts: Hugging Face <-> Paddle, transformers' GLM layout, safetensors, tensor-parallel shard merging."""
