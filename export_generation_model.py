@@ -63,7 +63,7 @@ def export_target(output_path: str, model_args, overwrite: bool) -> Path:
     if owner.get("command") == COMMAND and owner.get("prefix") != target.name and not overwrite:
         raise OutputRefused(f"{folder} already holds the export {owner.get('prefix')!r}, whose config and tokenizer "
                             f"files an export {target.name!r} would replace; export into another folder, or pass "
-                            "--overwrite True to replace that export")
+                            "--overwrite to replace that export")
     return target
 
 
@@ -120,8 +120,8 @@ def export(model, generation: str, tokenizer, output_path, dtype: str, data_args
 
 
 def main(argv=None) -> Path:
+    console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     model_args, data_args, export_args = parse_dataclasses((ModelArgument, LengthArgument, ExportArgument), argv)
-    console.setup_logging()
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
     out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite)

@@ -150,8 +150,8 @@ def resume_checkpoint(training_args, output_state: str = "same_run"):
 
 def main(argv=None):
     """Run the job; returns (trainer, metrics) so tests can look inside."""
+    console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
-    console.setup_logging()
     generation, run, output_state = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:

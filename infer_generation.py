@@ -93,8 +93,8 @@ def parse_arguments(argv=None):
 
 
 def main(argv=None):
+    console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     infer_args, gen_args, predict_args = parse_arguments(argv)
-    console.setup_logging()
     check_predictions_target(predict_args.output_file, predict_args.overwrite,
                              {"--data_file": predict_args.data_file, "--model_path": infer_args.model_path})
     examples = None if infer_args.interactive else load_prompts(predict_args.data_file)

@@ -76,8 +76,8 @@ def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, ran
 
 
 def main(argv=None):
+    console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     model_args, data_args, gen_args, predict_args = parse_arguments(argv)
-    console.setup_logging()
     check_outputs(model_args, predict_args)
     examples = load_prompts(predict_args.data_file)
     degree, rank = init_tensor_parallel()

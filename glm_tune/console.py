@@ -58,6 +58,18 @@ def setup_logging(verbose: bool = None) -> None:
         from paddlenlp.utils.log import logger as paddlenlp_logger
 
         paddlenlp_logger.set_level("INFO" if verbose else "WARNING")
+        if not verbose and not any(isinstance(f, _DropLibraryNoise) for f in paddlenlp_logger.logger.filters):
+            paddlenlp_logger.logger.addFilter(_DropLibraryNoise())
+
+
+class _DropLibraryNoise(logging.Filter):
+    """PaddleNLP warnings about its own defaults, printed whatever the user does."""
+
+    NOISE = ("model.generation_config is in conflict with model.config",
+             "evaluation_strategy reset to IntervalStrategy.STEPS")
+
+    def filter(self, record):
+        return not any(text in record.getMessage() for text in self.NOISE)
 
 
 quiet_startup()  # on import: the entry scripts import this module before anything that loads paddle

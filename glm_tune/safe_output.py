@@ -2,7 +2,7 @@
 so a typo in a path never costs a downloaded checkpoint, a data set or a training run), and writers that leave
 either the old file or folder or the new one, never half of one.
 
-Rules (README, "What a command may overwrite"):
+Rules (README, "Bad input and what a command may overwrite"):
   - an output that is an input, contains one or lies inside one is refused;
   - the current folder (and any folder holding it) is never a target;
   - an output folder that exists and is not empty is replaced only when this command wrote it before (the
@@ -81,52 +81,58 @@ def folder_is_empty(folder: Path) -> bool:
     return folder.is_dir() and not any(folder.iterdir())
 
 
-def check_output_dir(output_dir, command: str, flag: str = "--output_dir", inputs: Dict[str, object] = None,
-                     overwrite: bool = False, overwrite_flag: str = "--overwrite True") -> Path:
-    """Refuse `output_dir` unless it is absent, empty, an earlier output of `command`, or `overwrite` is set.
-    Returns it as a Path. Call it before any work starts."""
+def _check_parent_can_hold(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` is a folder (so `path` can be made)."""
+    for parent in path.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"{flag} {path}: {parent} is a file, so {path.name} cannot be made under it")
+            return
+
+
+def check_target_folder(output_dir, flag: str, inputs: Dict[str, object] = None) -> Path:
+    """The checks every output folder passes whoever owns it: a folder (or nothing yet) that can be made,
+    no input inside or around it, not the working folder or one of its ancestors."""
     if output_dir is None or str(output_dir).strip() == "":
         raise OutputRefused(f"{flag} is required")
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"{flag} {output_dir} is a file, not a folder; pass a folder path")
-    for parent in path.resolve().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputRefused(f"{flag} {output_dir}: {parent} is a file, so no folder can be made under it")
-            break
+    _check_parent_can_hold(path, flag)
     check_not_input(path, flag, inputs or {})
     check_not_working_folder(path, flag)
+    return path
+
+
+def check_output_dir(output_dir, command: str, flag: str = "--output_dir", inputs: Dict[str, object] = None,
+                     overwrite: bool = False) -> Path:
+    """Refuse `output_dir` unless it is absent, empty, an earlier output of `command`, or `overwrite` is set.
+    Returns it as a Path. Call it before any work starts."""
+    path = check_target_folder(output_dir, flag, inputs)
     if path.is_dir() and not folder_is_empty(path) and not overwrite:
         owner = read_owner(path)
         if owner is None or owner.get("command") != command:
             made_by = f"written by {owner['command']}" if owner else "not written by this command"
             raise OutputRefused(
                 f"{flag} {output_dir} already exists and is {made_by} (it holds {_listing(path)}); nothing was "
-                f"changed. Choose a new folder, or pass {overwrite_flag} to replace that folder")
+                "changed. Choose a new folder, or pass --overwrite to replace that folder")
     return path
 
 
 def check_output_file(output_file, flag: str = "--output_file", inputs: Dict[str, object] = None,
-                      overwrite: bool = False, is_own_output: Callable[[Path], bool] = None,
-                      overwrite_flag: str = "--overwrite True") -> Path:
+                      overwrite: bool = False, is_own_output: Callable[[Path], bool] = None) -> Path:
     """Refuse `output_file` when it is a folder, an input, inside an input folder, or an existing file that is
     not this command's earlier output (`is_own_output`) unless `overwrite` is set."""
     path = Path(output_file)
     if str(output_file).endswith(("/", "\\")) or path.is_dir():
         raise OutputRefused(f"{flag} {output_file} is a folder; pass a file path such as "
                             f"{Path(output_file) / 'predictions.json'}")
-    for parent in path.resolve().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputRefused(f"{flag} {output_file}: {parent} is a file, so {path.name} cannot be made "
-                                    "under it")
-            break
+    _check_parent_can_hold(path, flag)
     check_not_input(path, flag, inputs or {})
     if path.is_file() and path.stat().st_size and not overwrite:
         if is_own_output is None or not is_own_output(path):
             raise OutputRefused(f"{flag} {output_file} already exists and is not an earlier output of this "
-                                f"command; nothing was changed. Choose another file, or pass {overwrite_flag} "
+                                "command; nothing was changed. Choose another file, or pass --overwrite "
                                 "to replace it")
     return path
 
@@ -163,16 +169,15 @@ def atomic_write_json(path, obj) -> None:
 
 @contextmanager
 def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dict = None,
-                  flag: str = "--output_dir", replace: bool = True, overwrite_flag: str = "--overwrite True",
-                  details: dict = None):
+                  flag: str = "--output_dir", replace: bool = True, details: dict = None):
     """Yield a private staging folder beside `output_dir`; when the block succeeds it becomes `output_dir`,
-    marked as written by `command` (with `details`). `output_guard.check_output_dir` decides first (and again just before the
-    swap) whether `output_dir` may be replaced: absent, empty, written by `command` before, or `overwrite`.
+    marked as written by `command` (with `details`). `check_output_dir` decides first (and again just before
+    the swap) whether `output_dir` may be replaced: absent, empty, written by `command` before, or `overwrite`.
     With replace=False an `output_dir` that exists by then (another process made it first) is kept and the
     staging folder dropped. When the block raises, the staging folder is removed and `output_dir` is left as
     it was: never a half-written folder, never a folder the command was not told to replace."""
     def allowed():
-        check_output_dir(output_dir, command, flag, inputs, overwrite, overwrite_flag)
+        check_output_dir(output_dir, command, flag, inputs, overwrite)
 
     allowed()
     output_dir = Path(output_dir)

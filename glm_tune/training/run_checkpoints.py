@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from glm_tune.safe_output import OutputRefused, check_not_input, check_not_working_folder, folder_is_empty, read_owner
+from glm_tune.safe_output import OutputRefused, check_target_folder, folder_is_empty, read_owner
 
 COMMAND = "finetune_generation"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -93,11 +93,7 @@ def check_resumable(path) -> Path:
 def claim_output_dir(output_dir, run: dict, inputs: dict, overwrite: bool) -> str:
     """Check that this run may write `output_dir`; returns "new", "same_run" or "replaced" (an earlier run's
     checkpoints were there and --overwrite_output_dir dropped them). Raises OutputRefused otherwise."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise OutputRefused(f"--output_dir {output_dir} is a file; pass a folder")
-    check_not_input(path, "--output_dir", inputs)
-    check_not_working_folder(path, "--output_dir")
+    path = check_target_folder(output_dir, "--output_dir", inputs)
     if not path.is_dir() or folder_is_empty(path):
         return "new"
     owner = read_owner(path)
