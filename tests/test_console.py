@@ -39,9 +39,11 @@ def test_training_prints_the_banner_and_a_loss_line_per_step(tqdm, tiny_dir, tmp
 
 
 @pytest.mark.slow
-def test_export_and_engine_are_quiet_unless_verbose(tiny_dir, tmp_path):
+def test_commands_are_quiet_unless_verbose(tiny_dir, tmp_path):
     export = tmp_path / "infer" / "chatglm"
-    quiet = run("export_generation_model.py", "--model_name_or_path", tiny_dir("chatglm2"), "--output_path", export,
+    quiet = run("tools/make_tiny_model.py", "--model_type", "chatglm3", "--output_dir", tmp_path / "tiny")
+    assert quiet.strip() == f"wrote tiny chatglm3 (paddle layout) to {tmp_path / 'tiny'}"
+    quiet += run("export_generation_model.py", "--model_name_or_path", tiny_dir("chatglm2"), "--output_path", export,
                 "--tgt_length", 4)
     quiet += run("infer_generation.py", "--model_path", export.parent, "--batch_size", 4)
     assert not NOISE.search(quiet), NOISE.search(quiet).group(0)
