@@ -26,7 +26,7 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix
                                     load_config, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
 from glm_tune.safe_output import write_owner
 from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir,
-                                               latest_complete, run_identity)
+                                               drop_checkpoints, latest_complete, run_identity)
 
 logger = logging.getLogger("finetune_generation")
 
@@ -67,6 +67,10 @@ def validate(model_args, data_args, training_args) -> tuple:
     if training_args.bf16 and training_args.fp16_opt_level == "O2" and on_cpu:
         raise ConfigurationError("--bf16 with --fp16_opt_level O2 (pure bfloat16 weights) has no CPU kernels in "
                                  "Paddle 3.3.1; on CPU use --fp16_opt_level O1 or drop --bf16")
+    if output_state == "foreign":  # allowed by --overwrite_output_dir, done only now that every check passed
+        for folder in drop_checkpoints(training_args.output_dir):
+            logger.info("--overwrite_output_dir: removed %s of an earlier run", folder)
+        output_state = "new"
     return generation, run, output_state
 
 

@@ -237,12 +237,17 @@ def test_auto_resume_never_goes_past_max_steps(tiny_dir, tmp_path):
                    r"newest checkpoint .*checkpoint-4 is at step 4, past --max_steps 2", tmp_path)
 
 
-def test_overwrite_output_dir_drops_another_runs_checkpoints_and_never_resumes_them(tiny_dir, tmp_path):
-    from glm_tune.training.run_checkpoints import claim_output_dir
-
+def test_overwrite_output_dir_drops_another_runs_checkpoints_only_after_every_check(tiny_dir, tmp_path):
     out = owned_run_folder(tmp_path, {"seed": 7}, [4])
     write(out / "notes.txt", "kept")
-    assert claim_output_dir(out, {"seed": 42}, {}, overwrite=True) == "replaced"
+    model, task = copy_model(tiny_dir, "chatglm2", tmp_path / "model"), task_folder(tmp_path)
+    broken = task_folder(tmp_path / "broken", "{oops\n")
+    assert_refused(finetune_generation.main, ft_argv(model, broken, out, overwrite_output_dir=True),
+                   r"train\.json:1: malformed JSON", tmp_path)  # a later check fails: nothing dropped yet
+    args = finetune_generation.parse_arguments(ft_argv(model, task, out, overwrite_output_dir=True,
+                                                       resume_from_checkpoint="auto"))
+    _, _, state = finetune_generation.validate(args[0], args[1], args[3])
+    assert state == "new" and finetune_generation.resume_checkpoint(args[3], state) is None
     assert not (out / "checkpoint-4").exists() and (out / "notes.txt").read_text() == "kept"
 
 

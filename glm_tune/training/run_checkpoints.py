@@ -91,8 +91,9 @@ def check_resumable(path) -> Path:
 
 
 def claim_output_dir(output_dir, run: dict, inputs: dict, overwrite: bool) -> str:
-    """Check that this run may write `output_dir`; returns "new", "same_run" or "replaced" (an earlier run's
-    checkpoints were there and --overwrite_output_dir dropped them). Raises OutputRefused otherwise."""
+    """Check, without changing anything, that this run may write `output_dir`: returns "new", "same_run" or
+    "foreign" (an earlier run's checkpoints are there and --overwrite_output_dir allows dropping them, which
+    `drop_checkpoints` does once every other check has passed). Raises OutputRefused otherwise."""
     path = check_target_folder(output_dir, "--output_dir", inputs)
     if not path.is_dir() or folder_is_empty(path):
         return "new"
@@ -100,22 +101,28 @@ def claim_output_dir(output_dir, run: dict, inputs: dict, overwrite: bool) -> st
     if owner is not None and owner.get("command") == COMMAND and owner.get("run") == run:
         return "same_run"
     foreign = checkpoints(path)
-    if not overwrite:
-        if owner is None or owner.get("command") != COMMAND:
-            raise OutputRefused(f"--output_dir {output_dir} already exists and was not written by "
-                                "finetune_generation.py; nothing was changed. Choose a new folder, or pass "
-                                "--overwrite_output_dir True to write into it")
-        if foreign:
-            changed = sorted(k for k in set(run) | set(owner.get("run") or {})
-                             if run.get(k) != (owner.get("run") or {}).get(k))
-            raise OutputRefused(
-                f"--output_dir {output_dir} holds checkpoints of another run ({', '.join(p.name for p in foreign)}; "
-                f"it differs in {', '.join(changed)}); nothing was changed. Choose a new folder, or pass "
-                "--overwrite_output_dir True to drop that run's checkpoints")
-        return "new"
-    for folder in foreign:
-        shutil.rmtree(folder, ignore_errors=True)
-    return "replaced" if foreign else "new"
+    if overwrite:
+        return "foreign" if foreign else "new"
+    if owner is None or owner.get("command") != COMMAND:
+        raise OutputRefused(f"--output_dir {output_dir} already exists and was not written by "
+                            "finetune_generation.py; nothing was changed. Choose a new folder, or pass "
+                            "--overwrite_output_dir True to write into it")
+    if foreign:
+        earlier = owner.get("run") or {}
+        changed = sorted(k for k in set(run) | set(earlier) if run.get(k) != earlier.get(k))
+        raise OutputRefused(
+            f"--output_dir {output_dir} holds checkpoints of another run ({', '.join(p.name for p in foreign)}; "
+            f"it differs in {', '.join(changed)}); nothing was changed. Choose a new folder, or pass "
+            "--overwrite_output_dir True to drop that run's checkpoints")
+    return "new"
+
+
+def drop_checkpoints(output_dir) -> List[Path]:
+    """Remove an earlier run's checkpoint-N folders (asked for with --overwrite_output_dir)."""
+    dropped = checkpoints(output_dir)
+    for folder in dropped:
+        shutil.rmtree(folder, ignore_errors=True)  # every rank may get here; the first one removes
+    return dropped
 
 
 def run_identity(model_args, data_args, training_args, generation: str) -> dict:
