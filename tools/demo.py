@@ -19,13 +19,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from glm_tune.errors import GlmTuneError, run_cli  # noqa: E402
+from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
+
+COMMAND = "demo"
 METRICS = ["rouge-1", "rouge-2", "rouge-l", "bleu-4"]
 
 
 def run(step: str, args: list) -> None:
     print(f"\n=== {step}\n$ python {' '.join(str(a) for a in args)}", flush=True)
     started = time.time()
-    subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT)
+    if done.returncode:
+        raise GlmTuneError(f"step '{step}' failed with exit status {done.returncode}; its message is above")
     print(f"--- {step}: {time.time() - started:.0f}s", flush=True)
 
 
@@ -39,7 +47,8 @@ def finetune_args(model_dir, data_dir, output_dir, args) -> list:
             "--output_dir", output_dir, "--src_length", "64", "--tgt_length", "48",
             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
             "--do_eval", "--do_generation", "True", "--disable_tqdm", str(args.disable_tqdm),
-            "--logging_steps", "20", "--report_to", "visualdl", "--logging_dir", output_dir / "runs"]
+            "--logging_steps", "20", "--report_to", "visualdl", "--logging_dir", output_dir / "runs",
+            "--overwrite_output_dir", "True"]  # inside the demo's own work folder
 
 
 def main(argv=None) -> None:
@@ -49,14 +58,19 @@ def main(argv=None) -> None:
                         help="generation of the tiny model")
     parser.add_argument("--max_steps", type=int, default=300, help="training steps (batch 16)")
     parser.add_argument("--disable_tqdm", default="False", help="hide progress bars (True/False)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="use an existing --work_dir that no demo made (everything the demo writes is replaced)")
     args = parser.parse_args(argv)
-    work = (ROOT / args.work_dir).resolve()
+    # The demo owns its work folder: an earlier demo's (or a new one) is reused, its steps replace their outputs.
+    work = check_output_dir((ROOT / args.work_dir).resolve(), COMMAND, "--work_dir", overwrite=args.overwrite)
+    write_owner(work, COMMAND)
     data_dir, model_dir = work / "data" / "AdvertiseGen", work / "models" / f"tiny-{args.model_type}"
     before_dir, out_dir = work / "eval_before", work / "output" / args.model_type
     started = time.time()
 
-    run("1. demo data", ["tools/make_demo_data.py", "--output_dir", data_dir])
-    run("2. tiny model", ["tools/make_tiny_model.py", "--model_type", args.model_type, "--output_dir", model_dir])
+    run("1. demo data", ["tools/make_demo_data.py", "--output_dir", data_dir, "--overwrite"])
+    run("2. tiny model", ["tools/make_tiny_model.py", "--model_type", args.model_type, "--output_dir", model_dir,
+                          "--overwrite"])
     run("3. evaluate the untrained model", finetune_args(model_dir, data_dir, before_dir, args))
     run("4. fine-tune", finetune_args(model_dir, data_dir, out_dir, args) + [
         "--do_train", "--max_steps", args.max_steps, "--learning_rate", "3e-3", "--warmup_steps", "20",
@@ -65,7 +79,7 @@ def main(argv=None) -> None:
 
     infer_dir = work / "infer" / args.model_type
     run("5. export", ["export_generation_model.py", "--model_name_or_path", out_dir, "--output_path",
-                      infer_dir / "chatglm", "--src_length", "64", "--tgt_length", "48"])
+                      infer_dir / "chatglm", "--src_length", "64", "--tgt_length", "48", "--overwrite", "True"])
     run("6. infer on the C++ engine", ["infer_generation.py", "--model_path", infer_dir, "--model_prefix", "chatglm"])
 
     before, after = eval_metrics(before_dir), eval_metrics(out_dir)
@@ -79,4 +93,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
