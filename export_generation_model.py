@@ -11,6 +11,7 @@ from glm_tune import console  # first import: it turns the libraries' start-up n
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import paddle
 
@@ -20,6 +21,7 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapte
                                     check_model_folder, load_model, load_tokenizer, resolve_checkpoint,
                                     resolve_generation)
 from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
+from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
 from glm_tune.deployment.step_model import GenerationStep, cache_shape, input_specs
 from glm_tune.safe_output import atomic_folder, atomic_write_json
 
@@ -38,10 +40,22 @@ class ExportArgument:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing folder at --output_path's folder "
                                                              "that this command did not write (an earlier export "
                                                              "with the same prefix is replaced without it)."})
+    onnx: bool = field(default=True, metadata={"help": "Also write the step graph as ONNX (PREFIX.onnx, paddle2onnx) "
+                                                       "for infer_generation.py --backend onnxruntime."})
+    quantize: Optional[str] = field(default=None, metadata={
+        "help": "Also write weight-only quantized ONNX copies: int8, int4 or int8,int4 (PREFIX.int8.onnx, "
+                "onnxruntime MatMulNBits, blocks of 32, symmetric). The embedding stays float32."})
 
     def __post_init__(self):
         require_flag(self.dtype in ("float32", "float16", "bfloat16"),
                      f"--dtype {self.dtype!r}: choose float32, float16 or bfloat16")
+        self.quantizations = [q.strip() for q in (self.quantize or "").split(",") if q.strip()]
+        unknown = [q for q in self.quantizations if q not in QUANTIZATIONS]
+        require_flag(not unknown, f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)} "
+                                  "(comma-separated for several)")
+        require_flag(self.onnx or not self.quantizations, "--quantize needs the ONNX graph: drop --onnx False")
+        require_flag(self.dtype == "float32" or not (self.onnx or self.quantizations),
+                     "the ONNX export runs on CPU in float32: pass --onnx False with --dtype float16/bfloat16")
 
 
 def export_target(output_path: str, model_args, overwrite: bool) -> Path:
@@ -85,10 +99,11 @@ def load_for_export(model_args, dtype: str):
     return generation, model, load_tokenizer(model_args.model_name_or_path, generation)
 
 
-def describe(generation: str, config, tokenizer, dtype: str, data_args) -> dict:
+def describe(generation: str, config, tokenizer, dtype: str, data_args, formats: dict) -> dict:
     layers, heads, dim = cache_shape(config, generation)
     return {
         "format": "glm-tune step graph v1",
+        "formats": formats,
         "generation": generation,
         "dtype": dtype,
         "inputs": [s.name for s in input_specs(config, generation, dtype)],
@@ -102,20 +117,29 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args) -> dict:
     }
 
 
-def export(model, generation: str, tokenizer, output_path, dtype: str, data_args, overwrite: bool = False) -> Path:
-    """Write the step graph, config, tokenizer and description into a staging folder renamed over
-    output_path's folder: a failed export leaves the folder as it was."""
-    output_path = Path(output_path)
+def export(model, generation: str, tokenizer, output_path, dtype: str, data_args, overwrite: bool = False,
+           onnx: bool = False, quantizations=()) -> Path:
+    """Write the step graph (Paddle, and ONNX with its quantized copies when asked), config, tokenizer and
+    description into a staging folder renamed over output_path's folder: a failed export leaves it as it was."""
+    output_path, prefix = Path(output_path), Path(output_path).name
     step = GenerationStep(model, generation)
     step.eval()
     static = paddle.jit.to_static(step, input_spec=input_specs(model.config, generation, dtype), full_graph=True)
     with atomic_folder(output_path.parent, COMMAND, overwrite, flag="--output_path's folder",
-                       details={"prefix": output_path.name}) as staging:
-        paddle.jit.save(static, str(staging / output_path.name))
+                       details={"prefix": prefix}) as staging:
+        paddle.jit.save(static, str(staging / prefix))
+        formats = {"paddle": {"files": [f"{prefix}.json", f"{prefix}.pdiparams"]}}
+        if onnx:
+            convert_to_onnx(staging / prefix, staging / onnx_file_name(prefix))
+            formats["onnx"] = {"file": onnx_file_name(prefix), "opset": OPSET}
+            for quantization in quantizations:
+                logger.info("quantizing the ONNX graph's weights to %s", quantization)
+                formats[f"onnx-{quantization}"] = quantize_weights(
+                    staging / onnx_file_name(prefix), staging / onnx_file_name(prefix, quantization), quantization)
         tokenizer.save_pretrained(str(staging))
         model.config.save_pretrained(str(staging))
-        info = describe(generation, model.config, tokenizer, dtype, data_args)
-        atomic_write_json(staging / f"{output_path.name}.generation.json", info)
+        info = describe(generation, model.config, tokenizer, dtype, data_args, formats)
+        atomic_write_json(staging / f"{prefix}.generation.json", info)
     return output_path
 
 
@@ -124,8 +148,10 @@ def main(argv=None) -> Path:
     model_args, data_args, export_args = parse_dataclasses((ModelArgument, LengthArgument, ExportArgument), argv)
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
-    out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite)
-    logger.info("exported %s step graph to %s.json / .pdiparams", generation, out)
+    out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite,
+                 export_args.onnx, export_args.quantizations)
+    written = ["json / .pdiparams"] + [".onnx"] * export_args.onnx + [f".{q}.onnx" for q in export_args.quantizations]
+    logger.info("exported %s step graph to %s.%s", generation, out, ", ".join(written))
     return out
 
 

@@ -15,7 +15,8 @@ from argument import GenerateArgument, PredictArgument, parse_dataclasses, requi
 from data import Example
 from glm_tune.errors import one_line, run_cli
 from glm_tune.glm_family import get_generation
-from glm_tune.deployment.inference_engine import check_export_folder, create_engine, read_description
+from glm_tune.deployment.inference_engine import (check_export_folder, choose_engine, create_engine,
+                                                  read_description)
 from glm_tune.deployment.predictor import (StepEnginePredictor, check_predictions_target, load_prompts,
                                            report_predictions)
 from glm_tune.deployment.step_model import StepFeeds
@@ -27,8 +28,12 @@ logger = logging.getLogger("infer_generation")
 class InferArgument:
     model_path: str = field(default="./checkpoints/infer", metadata={"help": "Folder of the exported model."})
     model_prefix: str = field(default="chatglm", metadata={"help": "File prefix of the exported model."})
-    backend: str = field(default="paddle", metadata={"help": "paddle (Paddle Inference C++ predictor) or "
-                                                             "fastdeploy (FastDeploy runtime, if installed)."})
+    backend: Optional[str] = field(default=None, metadata={
+        "help": "onnxruntime (ONNX Runtime, fp32 or weight-only int8/int4), paddle (Paddle Inference C++ predictor) "
+                "or fastdeploy (FastDeploy runtime, if installed); default: the fastest the export holds."})
+    precision: Optional[str] = field(default=None, metadata={
+        "help": "fp32, int8 or int4 (the last two: onnxruntime on a --quantize export); default: the fastest the "
+                "export holds for the backend."})
     threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
     src_length: Optional[int] = field(default=None, metadata={"help": "Max prompt tokens (default: export's)."})
     tgt_length: Optional[int] = field(default=None, metadata={"help": "Max new tokens (default: export's)."})
@@ -37,6 +42,8 @@ class InferArgument:
 
     def __post_init__(self):
         require_flag(self.threads >= 1, f"--threads {self.threads} must be at least 1")
+        require_flag(self.precision in (None, "fp32", "int8", "int4"),
+                     f"--precision {self.precision!r}: choose fp32, int8 or int4")
         require_flag(self.src_length is None or self.src_length > 2,
                f"--src_length {self.src_length} must exceed 2 (omit it for the export's default)")
         require_flag(self.tgt_length is None or self.tgt_length >= 1,
@@ -46,11 +53,14 @@ class InferArgument:
 def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     info = read_description(infer_args.model_path, infer_args.model_prefix)
     generation = info["generation"]
-    check_export_folder(infer_args.model_path, infer_args.model_prefix, generation)
+    backend, precision = choose_engine(info, infer_args.backend, infer_args.precision)
+    logger.info("engine: %s %s%s", backend, precision, "" if infer_args.backend and infer_args.precision else
+                " (the fastest this export holds for what was asked; --backend / --precision choose another)")
+    check_export_folder(infer_args.model_path, infer_args.model_prefix, generation, backend, precision)
     config_class, _, tokenizer_class = get_generation(generation).classes()
     tokenizer = tokenizer_class.from_pretrained(infer_args.model_path)
     config = config_class.from_pretrained(infer_args.model_path)
-    engine = create_engine(infer_args.backend, infer_args.model_path, infer_args.model_prefix, infer_args.threads)
+    engine = create_engine(backend, infer_args.model_path, infer_args.model_prefix, infer_args.threads, precision)
     defaults = info["defaults"]
     src_length = defaults["src_length"] if infer_args.src_length is None else infer_args.src_length
     max_new_tokens = defaults["max_new_tokens"] if infer_args.tgt_length is None else infer_args.tgt_length
@@ -104,6 +114,7 @@ def main(argv=None):
         return None
     outputs = predictor.predict(examples)
     report_predictions(examples, outputs, predict_args.output_file)
+    logger.info("engine speed: %s", predictor.speed.summary())
     return outputs
 
 

@@ -51,7 +51,8 @@ def setup_logging(verbose: bool = None) -> None:
     """Our INFO lines on stderr; PaddleNLP's and jieba's per-file chatter only when verbose."""
     verbose = verbose_requested() if verbose is None else verbose
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("jieba").setLevel(logging.INFO if verbose else logging.WARNING)
+    for chatty in ("jieba", "onnxruntime"):  # per-word / per-node INFO lines
+        logging.getLogger(chatty).setLevel(logging.INFO if verbose else logging.WARNING)
     import importlib.util
 
     if importlib.util.find_spec("paddlenlp") is not None:  # absent in the qlora/ and ascend/ environments

@@ -1,5 +1,6 @@
-"""Engines that run an exported step graph: Paddle Inference's C++ predictor (the engine FastDeploy's Paddle
-backend wraps) and, where its runtime is installed, FastDeploy. Each is a callable feeds -> (logits, k, v)."""
+"""Engines that run an exported step graph: ONNX Runtime (fp32, or weight-only int8/int4), Paddle Inference's C++
+predictor (the engine FastDeploy's Paddle backend wraps) and, where its runtime is installed, FastDeploy. Each
+is a callable feeds -> (logits, k, v). `choose_engine` picks one from what the export holds."""
 import json
 from pathlib import Path
 
@@ -38,15 +39,47 @@ def read_description(model_path, model_prefix: str) -> dict:
     return info
 
 
-def check_export_folder(model_path, model_prefix: str, generation: str) -> None:
+# Fastest first, as measured on CPU (README, "The exported engine"): what runs when --backend is omitted.
+SPEED_ORDER = (("onnxruntime", "int4"), ("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("paddle", "fp32"))
+FORMAT_OF = {("onnxruntime", "fp32"): "onnx", ("onnxruntime", "int8"): "onnx-int8",
+             ("onnxruntime", "int4"): "onnx-int4", ("paddle", "fp32"): "paddle", ("fastdeploy", "fp32"): "paddle"}
+EXPORT_FLAGS = {"onnx": "--onnx True", "onnx-int8": "--quantize int8", "onnx-int4": "--quantize int4",
+                "paddle": ""}
+
+
+def choose_engine(info: dict, backend: str = None, precision: str = None) -> tuple:
+    """(backend, precision) to run: the ones asked for, or the fastest this export holds."""
+    formats = info.get("formats") or {"paddle": {}}  # exports older than the ONNX backend hold the Paddle graph
+    if backend is not None and backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    candidates = [(b, p) for b, p in SPEED_ORDER + (("fastdeploy", "fp32"),)
+                  if (backend is None or b == backend) and (precision is None or p == precision)]
+    for choice in candidates:
+        if FORMAT_OF[choice] in formats:
+            return choice
+    wanted = FORMAT_OF.get(candidates[0]) if candidates else None
+    if wanted is None:
+        raise EngineError(f"--backend {backend} runs only fp32 graphs; drop --precision {precision} or use "
+                          "--backend onnxruntime")
+    raise EngineError(f"this export holds no {wanted} graph (it holds {', '.join(sorted(formats))}); export it with "
+                      f"export_generation_model.py ... {EXPORT_FLAGS[wanted]}".rstrip())
+
+
+def check_export_folder(model_path, model_prefix: str, generation: str, backend: str = "paddle",
+                        precision: str = "fp32") -> None:
     """The graph, its weights and the tokenizer are all there before the engine is built."""
+    from glm_tune.deployment.onnx_export import onnx_file_name
     from glm_tune.model_loading import check_tokenizer_file
 
     base = Path(model_path) / model_prefix
-    for suffix, what in ((".json", "graph"), (".pdiparams", "weights")):
-        if not Path(f"{base}{suffix}").is_file():
-            raise EngineError(f"{base}{suffix} (the exported {what}) is missing; export the model again with "
-                              f"export_generation_model.py --output_path {base}")
+    if backend == "onnxruntime":
+        needed = [(onnx_file_name(model_prefix, None if precision == "fp32" else precision), "ONNX graph")]
+    else:
+        needed = [(f"{model_prefix}.json", "graph"), (f"{model_prefix}.pdiparams", "weights")]
+    for name, what in needed:
+        if not (Path(model_path) / name).is_file():
+            raise EngineError(f"{Path(model_path) / name} (the exported {what}) is missing; export the model again "
+                              f"with export_generation_model.py --output_path {base}")
     if not (Path(model_path) / "config.json").is_file():
         raise EngineError(f"{model_path} has no config.json; export the model again")
     try:
@@ -103,6 +136,37 @@ def unloadable(base, err) -> str:
             "truncated, damaged or from different exports; export the model again")
 
 
+class OnnxRuntimeEngine:
+    """ONNX Runtime's CPU execution provider on PREFIX.onnx (or a weight-only quantized PREFIX.int8/int4.onnx)."""
+
+    def __init__(self, model_path, model_prefix: str, threads: int = 2, precision: str = "fp32"):
+        import onnxruntime as ort
+
+        from glm_tune.console import verbose_requested
+        from glm_tune.deployment.onnx_export import onnx_file_name
+
+        self.base = Path(model_path) / model_prefix
+        path = Path(model_path) / onnx_file_name(model_prefix, None if precision == "fp32" else precision)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 0 if verbose_requested() else 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...) for bad files
+            raise EngineError(f"ONNX Runtime cannot load {path} ({one_line(err)[:160]}): the file is truncated "
+                              "or damaged; export the model again") from None
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feeds):
+        try:
+            return tuple(self.session.run(None, {n: feeds[n] for n in self.names}))
+        except Exception as err:
+            raise EngineError(f"ONNX Runtime failed on {self.base} ({one_line(err)[:160]}); export the model "
+                              "again") from None
+
+
 class FastDeployEngine:
     """FastDeploy Runtime with its Paddle Inference backend (only where FastDeploy's runtime is installed; PyPI's
     fastdeploy-python is a 2022 stub without it)."""
@@ -126,10 +190,12 @@ class FastDeployEngine:
         return tuple(self.runtime.infer({n: feeds[n] for n in self.names}))
 
 
-BACKENDS = {"paddle": PaddleInferenceEngine, "fastdeploy": FastDeployEngine}
+BACKENDS = {"onnxruntime": OnnxRuntimeEngine, "paddle": PaddleInferenceEngine, "fastdeploy": FastDeployEngine}
 
 
-def create_engine(backend: str, model_path, model_prefix: str, threads: int = 2):
+def create_engine(backend: str, model_path, model_prefix: str, threads: int = 2, precision: str = "fp32"):
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if backend == "onnxruntime":
+        return OnnxRuntimeEngine(model_path, model_prefix, threads=threads, precision=precision)
     return BACKENDS[backend](model_path, model_prefix, threads=threads)

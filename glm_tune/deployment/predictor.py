@@ -2,6 +2,7 @@
 `predict(examples) = _postprocess(_infer(_preprocess(examples)))`; the two differ only in `_infer`."""
 import json
 import logging
+import time
 from pathlib import Path
 from typing import List
 
@@ -89,6 +90,7 @@ class StepEnginePredictor(BasePredictor):
         super().__init__(tokenizer, generation, **kwargs)
         self.run, self.feeds = run, feeds
         self.stops = stop_token_ids(tokenizer, generation)
+        self.speed = EngineSpeed()
 
     def _infer(self, prompts):
         results = []
@@ -101,8 +103,10 @@ class StepEnginePredictor(BasePredictor):
         feeds = self.feeds.prefill(prompts)
         tokens = [[] for _ in prompts]
         done = np.zeros(len(prompts), dtype=bool)
-        for _ in range(self.max_new_tokens):
+        for step in range(self.max_new_tokens):
+            started = time.perf_counter()
             logits, cache_k, cache_v = self.run(feeds)
+            self.speed.add(step, time.perf_counter() - started, int((~done).sum()))
             chosen = choose_next(logits, rng, **self.sampling)
             for row, token in enumerate(chosen):
                 if not done[row]:
@@ -112,6 +116,28 @@ class StepEnginePredictor(BasePredictor):
                 break
             feeds = self.feeds.advance(feeds, chosen, cache_k, cache_v)
         return [cut_at_stop(row, self.stops) for row in tokens]
+
+
+class EngineSpeed:
+    """First-token latency (the prefill calls) and decode throughput (every later call, tokens of unfinished
+    rows only) of an engine, summed over batches."""
+
+    def __init__(self):
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.prefills = self.decode_tokens = 0
+
+    def add(self, step: int, seconds: float, rows: int) -> None:
+        if step == 0:
+            self.prefill_seconds += seconds
+            self.prefills += 1
+        else:
+            self.decode_seconds += seconds
+            self.decode_tokens += rows
+
+    def summary(self) -> str:
+        first = 1000 * self.prefill_seconds / max(self.prefills, 1)
+        rate = self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        return f"first token {first:.1f} ms per batch, decode {rate:.0f} tok/s ({self.decode_tokens} tokens)"
 
 
 def report_predictions(examples: List[Example], outputs: List[str], output_file=None) -> None:
