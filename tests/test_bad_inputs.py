@@ -349,6 +349,8 @@ EXPORT_CASES = {
     "export into a user folder": (lambda t, m: dict(output_path=write(t / "srv" / "app.py", "x").parent / "chatglm"),
                                   r"--output_path's folder .*srv already exists"),
     "dtype typo": (lambda t, m: dict(dtype="fp32"), r"--dtype 'fp32': choose"),
+    "quantize typo": (lambda t, m: dict(quantize="int3"), r"--quantize 'int3': choose from int8, int4"),
+    "quantize without onnx": (lambda t, m: dict(quantize="int8", onnx=False), r"--quantize needs the ONNX graph"),
     "prefix export": (lambda t, m: dict(prefix_path=t), r"exporting prefix-tuned models is not supported"),
 }
 
@@ -366,6 +368,31 @@ def test_export_folder_with_trailing_slash_takes_the_default_prefix(tmp_path):
     model_args = type("M", (), {"model_name_or_path": "m", "lora_path": None})()
     target = export_generation_model.export_target(f"{tmp_path / 'srv'}/", model_args, overwrite=False)
     assert target == tmp_path / "srv" / "chatglm"
+
+
+def test_an_operator_paddle2onnx_cannot_convert_is_named(tmp_path):
+    """paddle2onnx aborts its process on such an operator without naming it; the export names it."""
+    import paddle
+    from paddle.static import InputSpec
+
+    from glm_tune.deployment.onnx_export import OnnxExportError, convert_to_onnx
+
+    class Eigen(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.proj = paddle.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return paddle.linalg.eigvalsh(self.proj(x))
+
+    layer = Eigen()
+    layer.eval()
+    paddle.jit.save(paddle.jit.to_static(layer, input_spec=[InputSpec([4, 4], "float32", "x")], full_graph=True),
+                    str(tmp_path / "odd"))
+    with pytest.raises(OnnxExportError, match=r"paddle2onnx could not convert .*odd\.json \(operators it cannot "
+                                              r"convert: eigvalsh\); export with --onnx False"):
+        convert_to_onnx(tmp_path / "odd", tmp_path / "odd.onnx")
+    assert not (tmp_path / "odd.onnx").exists()
 
 
 def export_copy(exports, tmp_path, model_type="chatglm2"):
@@ -387,24 +414,32 @@ def damage_export(folder: Path, how: str, exports):
         write(folder / "chatglm.generation.json", json.dumps({"generation": "chatglm2", "dtype": "float32"}))
     elif how == "no tokenizer":
         (folder / "tokenizer.model").unlink()
+    elif how == "no onnx graph":
+        (folder / "chatglm.onnx").unlink()
+    elif how == "truncated onnx graph":
+        truncate(folder / "chatglm.onnx")
 
 
+PADDLE = ["--backend", "paddle"]
 INFER_DAMAGE = [
-    ("truncated params", r"Paddle Inference cannot run .*chatglm\.json with .*chatglm\.pdiparams .* export the model again"),
-    ("garbage params", r"Paddle Inference cannot run"),
-    ("other generation's params", r"Paddle Inference cannot run"),
-    ("no graph", r"chatglm\.json \(the exported graph\) is missing"),
-    ("invalid description", r"chatglm\.generation\.json is not a valid export description"),
-    ("description lacks defaults", r"chatglm\.generation\.json lacks defaults"),
-    ("no tokenizer", r"has no tokenizer\.model .*or export the model again"),
+    ("truncated params", PADDLE, r"Paddle Inference cannot run .*chatglm\.json with .*chatglm\.pdiparams .* export "
+                                 r"the model again"),
+    ("garbage params", PADDLE, r"Paddle Inference cannot run"),
+    ("other generation's params", PADDLE, r"Paddle Inference cannot run"),
+    ("no graph", PADDLE, r"chatglm\.json \(the exported graph\) is missing"),
+    ("no onnx graph", [], r"chatglm\.onnx \(the exported ONNX graph\) is missing"),
+    ("truncated onnx graph", [], r"ONNX Runtime cannot load .*chatglm\.onnx .*truncated or damaged; export the model"),
+    ("invalid description", [], r"chatglm\.generation\.json is not a valid export description"),
+    ("description lacks defaults", [], r"chatglm\.generation\.json lacks defaults"),
+    ("no tokenizer", [], r"has no tokenizer\.model .*or export the model again"),
 ]
 
 
-@pytest.mark.parametrize("damage, pattern", INFER_DAMAGE, ids=[d for d, _ in INFER_DAMAGE])
-def test_infer_refuses_a_damaged_export(damage, pattern, exports, tmp_path):
+@pytest.mark.parametrize("damage, extra, pattern", INFER_DAMAGE, ids=[d for d, _, _ in INFER_DAMAGE])
+def test_infer_refuses_a_damaged_export(damage, extra, pattern, exports, tmp_path):
     folder = export_copy(exports, tmp_path)
     damage_export(folder, damage, exports)
-    assert_refused(infer_generation.main, ["--model_path", folder, "--batch_size", 1], pattern, tmp_path)
+    assert_refused(infer_generation.main, ["--model_path", folder, "--batch_size", 1, *extra], pattern, tmp_path)
 
 
 INFER_CASES = {
@@ -419,6 +454,12 @@ INFER_CASES = {
                                                          r"--model_prefix chatglm\)"),
     "temperature negative": (lambda t: ["--temperature", -1], r"--temperature -1\.0 must be above 0"),
     "backend typo": (lambda t: ["--backend", "onnx"], r"unknown backend 'onnx'"),
+    "precision the export lacks": (lambda t: ["--precision", "int8"], r"this export holds no onnx-int8 graph \(it "
+                                   r"holds onnx, paddle\); export it with export_generation_model\.py \.\.\. "
+                                   r"--quantize int8"),
+    "quantized paddle engine": (lambda t: ["--backend", "paddle", "--precision", "int4"],
+                                r"--backend paddle runs only fp32 graphs"),
+    "precision typo": (lambda t: ["--precision", "q8_0"], r"--precision 'q8_0': choose fp32, int8 or int4"),
 }
 
 

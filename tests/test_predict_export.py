@@ -229,3 +229,33 @@ def test_sharded_checkpoint_without_launcher_is_refused(tiny_dir, tmp_path):
     shards = split_into_shards(tiny_dir("chatglm2"), tmp_path / "tp")
     with pytest.raises(ValueError, match="split into 2 tensor-parallel shards.*merge_tp_shards.py"):
         predict_generation.main(predict_argv(shards))
+
+
+@pytest.mark.slow
+def test_weight_only_quantization_keeps_the_demo_models_answers(tiny_dir, demo_data, tmp_path, capsys):
+    """The `make demo` recipe (300 steps), exported with int8 and int4: answers and ADGEN metrics of the 100 dev
+    records against fp32 on the same engine (README, "The exported engine")."""
+    from utils import compute_metrics
+
+    tuned = tmp_path / "tuned"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, tuned, max_steps=300,
+                                           per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20,
+                                           logging_steps=50, src_length=64, tgt_length=48))
+    export = export_generation_model.main(["--model_name_or_path", str(tuned), "--output_path",
+                                           str(tmp_path / "infer" / "chatglm"), "--src_length", "64",
+                                           "--tgt_length", "48", "--quantize", "int8,int4"])
+    dev = read_examples(demo_data / "dev.json")
+    answers = {}
+    for precision in ("fp32", "int8", "int4"):
+        answers[precision] = infer_generation.main(["--model_path", str(export.parent), "--data_file",
+                                                    str(demo_data / "dev.json"), "--batch_size", "16",
+                                                    "--precision", precision])
+    scores = {p: compute_metrics(a, [e.tgt for e in dev]) for p, a in answers.items()}
+    same = {p: sum(a == b for a, b in zip(answers[p], answers["fp32"])) for p in ("int8", "int4")}
+    with capsys.disabled():
+        print(f"\nquantized vs fp32 on 100 dev answers: identical {same}; metrics {scores}")
+    assert len(dev) == 100 and scores["fp32"]["rouge-1"] > 50  # the model learned the task
+    assert same["int8"] >= 95
+    for precision, bound in (("int8", 0.5), ("int4", 1.5)):
+        for metric, value in scores[precision].items():
+            assert abs(value - scores["fp32"][metric]) <= bound, (precision, metric, value, scores["fp32"][metric])
