@@ -1,12 +1,22 @@
-"""Decode speed: dygraph `generate` vs the exported step graph on Paddle Inference, same weights, same prompt ids.
+"""Decode speed of every engine on the same weights and prompt ids, with chatglm.cpp as the peer when built.
 
-    python bench/decode_throughput.py                      # tiny and mid (4 layers, hidden 512, vocab 65024) ChatGLM2
-    python bench/decode_throughput.py --sizes mid --new_tokens 64 --model_type chatglm3
+    python bench/decode_throughput.py                              # the mid ChatGLM2, contexts 64 and 1024
+    python bench/decode_throughput.py --peer build/chatglm_cpp     # + chatglm.cpp f32/q8_0/q4_0 and the ratios
+    python bench/decode_throughput.py --size tiny --contexts 32 --systems dygraph,paddle,onnx-fp32
 
-First-token latency (prefill of the prompt) and decode tokens/s (tokens after the first) are measured
-separately, with generation forced to run the full length. Prints each system and the engine/dygraph ratios.
+The model is `tools/make_tiny_model.py`'s "mid" ChatGLM2 (4 layers, hidden 512, 8 heads, 2 KV groups, ffn 1376,
+vocab 65024: 176 MB of fp32 weights read per token), exported once with `--quantize int8,int4`. Each system runs
+in its own process (so its peak RSS is its own): greedy decoding forced to `--new_tokens`, first-token latency
+(the prefill) and decode tok/s (tokens after the first) measured apart, median over 3 prompts of random ids
+after a warm-up, then a batch of 8 for aggregate tok/s. chatglm.cpp (`../shared/peers/chatglm_cpp/`, built with
+its build.sh) runs the same prompt ids on the same weights converted by its own converter. Ratios are taken
+within this one run: absolute figures move from machine to machine.
 """
 import argparse
+import json
+import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,94 +26,196 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 256, "vocab_size": None},
-    "mid": {"hidden_size": 512, "num_layers": 4, "num_attention_heads": 8, "ffn_hidden_size": 1024, "vocab_size": 65024},
+    "mid": {"hidden_size": 512, "num_layers": 4, "num_attention_heads": 8, "ffn_hidden_size": 1376, "vocab_size": 65024},
 }
+SYSTEMS = ("dygraph", "paddle", "onnx-fp32", "onnx-int8", "onnx-int4")
+PEER_KIND = {"onnx-fp32": "f32", "onnx-int8": "q8_0", "onnx-int4": "q4_0", "paddle": "f32"}
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+def prompts_of(context: int, vocab: int, count: int = 3) -> list:
+    """`count` prompts of `context` random ids (fixed seed), the same for every system and the peer."""
+    import numpy as np
+
+    rng = np.random.RandomState(context)
+    return rng.randint(100, vocab - 1, size=(count, context)).tolist()
 
 
-def dygraph_times(model, tokenizer, generation, prompt, new_tokens, repeats):
+# ------------------------------------------------------------------------------------------ one system
+
+
+def step_engine(system: str, folder: Path, threads: int):
+    from glm_tune.deployment.inference_engine import create_engine
+
+    backend, precision = ("paddle", "fp32") if system == "paddle" else ("onnxruntime", system.split("-")[1])
+    return create_engine(backend, folder, "chatglm", threads, precision)
+
+
+def greedy_engine(engine, feeds_builder, prompts, new_tokens):
+    """(first-token seconds, seconds for the rest) of forced-length greedy decoding of a batch."""
+    feeds = feeds_builder.prefill(prompts)
+    started = time.perf_counter()
+    first = None
+    for step in range(new_tokens):
+        logits, cache_k, cache_v = engine(feeds)
+        if first is None:
+            first = time.perf_counter() - started
+        feeds = feeds_builder.advance(feeds, logits.argmax(-1), cache_k, cache_v)
+    return first, time.perf_counter() - started - first
+
+
+def greedy_dygraph(model, tokenizer, generation, prompts, new_tokens):
     import paddle
 
     from data import DataCollator
 
-    batch = {k: paddle.to_tensor(v) for k, v in DataCollator(tokenizer, generation)([{"input_ids": prompt}]).items()}
+    batch = {k: paddle.to_tensor(v) for k, v in DataCollator(tokenizer, generation)(
+        [{"input_ids": p} for p in prompts]).items()}
 
-    def gen(n):
-        with paddle.no_grad():
-            out = model.generate(**batch, max_new_tokens=n, min_new_tokens=n, decode_strategy="greedy_search",
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                 use_cache=True)
-        return out[0].numpy()
-
-    gen(2)  # warm-up
-    first = best_of(lambda: gen(1), repeats)
-    full = best_of(lambda: gen(new_tokens), repeats)
-    return first, (new_tokens - 1) / (full - first)
-
-
-def engine_times(engine, feeds_builder, prompt, new_tokens, repeats):
     def run(n):
-        feeds = feeds_builder.prefill([prompt])
-        for step in range(n):
-            logits, cache_k, cache_v = engine(feeds)
-            if step + 1 < n:
-                feeds = feeds_builder.advance(feeds, logits.argmax(-1), cache_k, cache_v)
+        with paddle.no_grad():
+            model.generate(**batch, max_new_tokens=n, min_new_tokens=n, decode_strategy="greedy_search",
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
-    run(2)
-    first = best_of(lambda: run(1), repeats)
-    full = best_of(lambda: run(new_tokens), repeats)
-    return first, (new_tokens - 1) / (full - first)
+    started = time.perf_counter()
+    run(1)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    run(new_tokens)
+    return first, time.perf_counter() - started - first
 
 
-def measure(size_name, args):
-    import export_generation_model
-    from argument import DataArgument
-    from glm_tune.deployment.inference_engine import PaddleInferenceEngine
+def measure_system(system: str, folder: Path, args) -> dict:
+    """Worker: first-token ms and decode tok/s per context, batch-8 aggregate tok/s, peak RSS."""
+    from paddlenlp.transformers import AutoConfig, AutoTokenizer
+
     from glm_tune.deployment.step_model import StepFeeds
-    from tools.make_tiny_model import build_tiny_model
 
-    model, tokenizer = build_tiny_model(args.model_type, sizes=SIZES[size_name])
-    model.eval()
-    out = Path(args.work_dir) / f"{size_name}-{args.model_type}" / "chatglm"
-    export_generation_model.export(model, args.model_type, tokenizer, out, "float32", DataArgument())
-    engine = PaddleInferenceEngine(out.parent, "chatglm", threads=args.threads)
-    feeds = StepFeeds(tokenizer, args.model_type, model.config)
-    from data import get_prompt_format
+    tokenizer, config = AutoTokenizer.from_pretrained(str(folder)), AutoConfig.from_pretrained(str(folder))
+    generation = "chatglm2"
+    if system == "dygraph":
+        from glm_tune.model_loading import load_model
 
-    prompt = get_prompt_format(args.model_type, tokenizer).prompt_ids("类型#上衣*材质#牛仔布*颜色#白色*风格#简约")
-    dy = dygraph_times(model, tokenizer, args.model_type, prompt, args.new_tokens, args.repeats)
-    en = engine_times(engine, feeds, prompt, args.new_tokens, args.repeats)
-    return dy, en, len(prompt)
+        model = load_model(str(args.model_dir), generation, use_cache=True)
+        model.eval()
+
+        def greedy(prompts):
+            return greedy_dygraph(model, tokenizer, generation, prompts, args.new_tokens)
+    else:
+        engine, feeds = step_engine(system, folder, args.threads), StepFeeds(tokenizer, generation, config)
+
+        def greedy(prompts):
+            return greedy_engine(engine, feeds, prompts, args.new_tokens)
+
+    result = {"contexts": {}}
+    for context in args.contexts:
+        prompts = prompts_of(context, config.vocab_size)
+        greedy(prompts[:1])  # warm-up at this shape
+        rows = [greedy([p]) for p in prompts]
+        result["contexts"][str(context)] = {
+            "first_token_ms": 1000 * statistics.median(r[0] for r in rows),
+            "decode_tok_s": statistics.median((args.new_tokens - 1) / r[1] for r in rows)}
+    batch = prompts_of(args.contexts[0], config.vocab_size, count=8)
+    first, rest = greedy(batch)
+    result["batch8_tok_s"] = 8 * (args.new_tokens - 1) / rest
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def prepare(args) -> Path:
+    """The model (paddle layout) and its export with every format, made once under --work_dir."""
+    from tools.make_tiny_model import make_tiny_model
+
+    if not (args.model_dir / "config.json").is_file():
+        make_tiny_model("chatglm2", args.model_dir, sizes=SIZES[args.size], overwrite=True)
+    export = args.work_dir / f"{args.size}-infer"
+    if not (export / "chatglm.int4.onnx").is_file():
+        run_python(["export_generation_model.py", "--model_name_or_path", args.model_dir, "--output_path",
+                    export / "chatglm", "--quantize", "int8,int4", "--src_length", "1024", "--tgt_length", "64",
+                    "--overwrite", "True"])
+    return export
+
+
+def run_python(argv, env=None) -> str:
+    done = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"error: {' '.join(map(str, argv[:2]))} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_peer(args) -> dict:
+    """chatglm.cpp on the same weights (its own converter) and the same prompt ids, per context."""
+    import os
+
+    peer_tools = ROOT.parent / "shared" / "peers" / "chatglm_cpp"
+    hf, ggml = args.work_dir / f"{args.size}-hf", args.work_dir / f"{args.size}-ggml"
+    if not hf.is_dir():
+        run_python(["tools/convert_checkpoint.py", "--input_dir", args.model_dir, "--output_dir", hf, "--to", "hf"])
+    env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
+    if not Path(f"{ggml}-q4_0.bin").is_file():
+        run_python([peer_tools / "to_ggml.py", hf, ggml], env)
+    results = {}
+    for context in args.contexts:
+        prompts = args.work_dir / f"prompts-{context}.json"
+        prompts.write_text(json.dumps(prompts_of(context, 65024 if args.size == "mid" else 1216)))
+        out = args.work_dir / f"peer-{context}.json"
+        run_python([peer_tools / "bench.py", ggml, out, "--prompts", prompts, "--new_tokens", args.new_tokens], env)
+        results[str(context)] = json.loads(out.read_text())
+    return results
+
+
+def report(results: dict, peer: dict, args) -> None:
+    print(f"\n{args.size} ChatGLM2, greedy, {args.new_tokens} new tokens, {args.threads} threads; median of 3 "
+          "prompts; ratios against chatglm.cpp at the same precision, measured in this run")
+    head = f"{'system':<11}{'context':>8}{'1st ms':>9}{'decode tok/s':>14}"
+    head += f"{'x cpp decode':>14}{'x cpp 1st':>11}" if peer else ""
+    print(head + f"{'batch-8 tok/s':>15}{'peak RSS MB':>13}")
+    for system, result in results.items():
+        for i, (context, row) in enumerate(result["contexts"].items()):
+            line = f"{system if i == 0 else '':<11}{context:>8}{row['first_token_ms']:>9.1f}{row['decode_tok_s']:>14.0f}"
+            kind = PEER_KIND.get(system)
+            if peer:
+                other = peer.get(context, {}).get(kind) if kind else None
+                line += (f"{row['decode_tok_s'] / other['decode_tok_s']:>14.2f}"
+                         f"{row['first_token_ms'] / other['first_token_ms']:>11.2f}") if other else f"{'':>25}"
+            tail = f"{result['batch8_tok_s']:>15.0f}{result['peak_rss_mb']:>13.0f}" if i == 0 else ""
+            print(line + tail)
+    for context, kinds in (peer or {}).items():
+        print("chatglm.cpp at context " + context + ": " + ", ".join(
+            f"{kind} {row['first_token_ms']:.1f} ms / {row['decode_tok_s']:.0f} tok/s" for kind, row in kinds.items()))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_type", default="chatglm2", choices=["chatglm", "chatglm2", "chatglm3"],
-                        help="architecture to measure")
-    parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny, mid")
-    parser.add_argument("--new_tokens", type=int, default=48, help="tokens generated per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
-    parser.add_argument("--threads", type=int, default=2, help="engine CPU threads")
-    parser.add_argument("--work_dir", default="build/bench", help="where the exported graphs go")
+    parser.add_argument("--size", default="mid", choices=sorted(SIZES), help="model size (see SIZES)")
+    parser.add_argument("--contexts", default="64,1024", help="comma-separated prompt lengths (ids)")
+    parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="engine CPU threads (chatglm.cpp uses all cores)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated from {', '.join(SYSTEMS)}")
+    parser.add_argument("--peer", default=None, help="folder chatglm.cpp was built into by its build.sh")
+    parser.add_argument("--work_dir", default="build/bench", help="where the model and its exports go")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, in its own process
     args = parser.parse_args(argv)
-    rows = []
-    for size in args.sizes.split(","):
-        (dy_first, dy_rate), (en_first, en_rate), prompt_len = measure(size.strip(), args)
-        rows.append((size, prompt_len, dy_first, dy_rate, en_first, en_rate))
-    print(f"\n{args.model_type}, {args.new_tokens} new tokens, greedy, batch 1, {args.threads} threads, fp32")
-    print(f"{'size':<6}{'prompt':>7}{'dygraph 1st ms':>16}{'dygraph tok/s':>15}{'engine 1st ms':>15}"
-          f"{'engine tok/s':>14}{'decode x':>10}{'1st-token x':>13}")
-    for size, plen, dyf, dyr, enf, enr in rows:
-        print(f"{size:<6}{plen:>7}{dyf * 1000:>16.1f}{dyr:>15.1f}{enf * 1000:>15.1f}{enr:>14.1f}"
-              f"{enr / dyr:>10.2f}{dyf / enf:>13.2f}")
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.work_dir = (ROOT / args.work_dir).resolve()
+    args.model_dir = args.work_dir / f"{args.size}-model"
+    if args.worker:
+        from glm_tune import console  # noqa: F401  (imported for its effect: quiet start-up)
+
+        print(json.dumps(measure_system(args.worker, args.work_dir / f"{args.size}-infer", args)))
+        return
+    prepare(args)
+    results = {}
+    for system in args.systems.split(","):
+        out = run_python([Path(__file__), "--worker", system, "--size", args.size, "--contexts",
+                          ",".join(map(str, args.contexts)), "--new_tokens", args.new_tokens, "--threads",
+                          args.threads, "--work_dir", args.work_dir])
+        results[system] = json.loads(out.strip().splitlines()[-1])
+        print(f"measured {system}", file=sys.stderr, flush=True)
+    peer = run_peer(args) if args.peer else None
+    report(results, peer, args)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_decode_throughput_runs(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_throughput.py"), "--sizes", "tiny",
-                          "--new_tokens", "4", "--repeats", "1", "--work_dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "decode x" in out and out.strip().splitlines()[-1].startswith("tiny")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_throughput.py"), "--size", "tiny",
+                          "--contexts", "16,40", "--new_tokens", "4", "--work_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()
+            or line.startswith(("dygraph", "paddle", "onnx-"))]
+    assert [r[0] for r in rows if not r[0].isdigit()] == ["dygraph", "paddle", "onnx-fp32", "onnx-int8", "onnx-int4"]
+    assert len(rows) == 10 and all(float(x) > 0 for r in rows for x in r[-4 if len(r) > 4 else -3:])
 
 
 @pytest.mark.slow
