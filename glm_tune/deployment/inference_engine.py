@@ -4,6 +4,8 @@ is a callable feeds -> (logits, k, v). `choose_engine` picks one from what the e
 import json
 from pathlib import Path
 
+import numpy as np
+
 from glm_tune.errors import GlmTuneError, one_line
 
 
@@ -158,10 +160,25 @@ class OnnxRuntimeEngine:
             raise EngineError(f"ONNX Runtime cannot load {path} ({one_line(err)[:160]}): the file is truncated "
                               "or damaged; export the model again") from None
         self.names = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.ort_value = ort.OrtValue
 
     def __call__(self, feeds):
+        """(next_logits as numpy, cache_k, cache_v as OrtValues): the caches stay in onnxruntime's memory and go
+        back in as they came out, so a step does not copy the whole cache into numpy and back."""
+        binding = self.session.io_binding()
+        for name in self.names:
+            value = feeds[name]
+            if isinstance(value, self.ort_value):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.outputs:
+            binding.bind_output(name, "cpu")
         try:
-            return tuple(self.session.run(None, {n: feeds[n] for n in self.names}))
+            self.session.run_with_iobinding(binding)
+            logits, cache_k, cache_v = binding.get_outputs()
+            return logits.numpy(), cache_k, cache_v
         except Exception as err:
             raise EngineError(f"ONNX Runtime failed on {self.base} ({one_line(err)[:160]}); export the model "
                               "again") from None
