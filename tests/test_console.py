@@ -45,10 +45,12 @@ def test_commands_are_quiet_unless_verbose(tiny_dir, tmp_path):
     assert quiet.strip() == f"wrote tiny chatglm3 (paddle layout) to {tmp_path / 'tiny'}"
     quiet += run("export_generation_model.py", "--model_name_or_path", tiny_dir("chatglm2"), "--output_path", export,
                 "--tgt_length", 4)
-    quiet += run("infer_generation.py", "--model_path", export.parent, "--batch_size", 4)
+    for backend in ("onnxruntime", "paddle"):
+        quiet += run("infer_generation.py", "--model_path", export.parent, "--batch_size", 4, "--backend", backend)
     assert not NOISE.search(quiet), NOISE.search(quiet).group(0)
-    assert quiet.count("### output:") == 4
-    loud = run("infer_generation.py", "--model_path", export.parent, "--batch_size", 4, env={"GLM_TUNE_VERBOSE": "1"})
+    assert quiet.count("### output:") == 8
+    loud = run("infer_generation.py", "--model_path", export.parent, "--batch_size", 4, "--backend", "paddle",
+               env={"GLM_TUNE_VERBOSE": "1"})
     assert "PIR pass" in loud or re.search(r"^I\d{4} ", loud, re.M)
 
 
