@@ -1,6 +1,6 @@
 """Shared by the qlora scripts: loading (quantized) models and tokenizers, prompts in the main suite's formats,
 and streaming generation. Framework-free pieces (record readers, prompt formats, metrics) are imported from the
-main suite's data.py / utils.py / glm_family.py, which import no deep-learning framework."""
+main suite's data.py / utils.py / glm_tune/glm_family.py, which import no deep-learning framework."""
 import json
 import sys
 import threading
