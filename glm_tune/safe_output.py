@@ -194,7 +194,13 @@ def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dic
             allowed()
             old = output_dir.with_name(f".{output_dir.name}.replaced.{os.getpid()}")
             os.replace(output_dir, old)
-        os.replace(staging, output_dir)
+        try:
+            os.replace(staging, output_dir)
+        except BaseException:
+            if old is not None:  # the swap failed half-way: the earlier output goes back where it was
+                os.replace(old, output_dir)
+                old = None
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
