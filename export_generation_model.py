@@ -22,7 +22,7 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapte
                                     resolve_generation)
 from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
 from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
-from glm_tune.deployment.step_model import GenerationStep, cache_shape, input_specs
+from glm_tune.deployment.step_model import GenerationStep, cache_names, cache_shape, input_specs
 from glm_tune.safe_output import atomic_folder, atomic_write_json
 
 COMMAND = "export_generation_model"
@@ -106,9 +106,10 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args, formats:
         "formats": formats,
         "generation": generation,
         "dtype": dtype,
-        "inputs": [s.name for s in input_specs(config, generation, dtype)],
-        "outputs": ["next_logits", "cache_k", "cache_v"],
-        "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim, "layout": "[layers, past, batch, heads, dim]"},
+        "inputs": ["input_ids", "position_ids", "attention_mask"] + cache_names(layers),
+        "outputs": ["next_logits"] + cache_names(layers),
+        "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim,
+                  "layout": "one key and one value per layer, each [past, batch, heads, dim]"},
         "vocab_size": config.vocab_size,
         "max_sequence_length": config.max_sequence_length,
         "defaults": {"src_length": data_args.src_length, "max_new_tokens": data_args.tgt_length,

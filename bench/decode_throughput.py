@@ -56,10 +56,10 @@ def greedy_engine(engine, feeds_builder, prompts, new_tokens):
     started = time.perf_counter()
     first = None
     for step in range(new_tokens):
-        logits, cache_k, cache_v = engine(feeds)
+        logits, *caches = engine(feeds)
         if first is None:
             first = time.perf_counter() - started
-        feeds = feeds_builder.advance(feeds, logits.argmax(-1), cache_k, cache_v)
+        feeds = feeds_builder.advance(feeds, logits.argmax(-1), caches)
     return first, time.perf_counter() - started - first
 
 

@@ -1,6 +1,6 @@
 """Engines that run an exported step graph: ONNX Runtime (fp32, or weight-only int8/int4), Paddle Inference's C++
 predictor (the engine FastDeploy's Paddle backend wraps) and, where its runtime is installed, FastDeploy. Each
-is a callable feeds -> (logits, k, v). `choose_engine` picks one from what the export holds."""
+is a callable feeds -> (logits, *caches). `choose_engine` picks one from what the export holds."""
 import json
 from pathlib import Path
 
@@ -38,6 +38,9 @@ def read_description(model_path, model_prefix: str) -> dict:
                           "again") from None
     if missing:
         raise EngineError(f"{path} lacks {', '.join(missing)}; export the model again")
+    if "cache_k" in info.get("inputs", ()):
+        raise EngineError(f"{path} describes a step graph with one stacked cache, from an earlier glm-tune; export "
+                          "the model again (the graph now takes one cache per layer)")
     return info
 
 
@@ -164,8 +167,8 @@ class OnnxRuntimeEngine:
         self.ort_value = ort.OrtValue
 
     def __call__(self, feeds):
-        """(next_logits as numpy, cache_k, cache_v as OrtValues): the caches stay in onnxruntime's memory and go
-        back in as they came out, so a step does not copy the whole cache into numpy and back."""
+        """(next_logits as numpy, *caches as OrtValues): the caches stay in onnxruntime's memory and go back in
+        as they came out, so a step does not copy the whole cache into numpy and back."""
         binding = self.session.io_binding()
         for name in self.names:
             value = feeds[name]
@@ -177,8 +180,8 @@ class OnnxRuntimeEngine:
             binding.bind_output(name, "cpu")
         try:
             self.session.run_with_iobinding(binding)
-            logits, cache_k, cache_v = binding.get_outputs()
-            return logits.numpy(), cache_k, cache_v
+            logits, *caches = binding.get_outputs()
+            return (logits.numpy(), *caches)
         except Exception as err:
             raise EngineError(f"ONNX Runtime failed on {self.base} ({one_line(err)[:160]}); export the model "
                               "again") from None

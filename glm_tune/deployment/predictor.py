@@ -84,7 +84,7 @@ def choose_next(logits: np.ndarray, rng: np.random.RandomState, decode_strategy:
 
 class StepEnginePredictor(BasePredictor):
     """Runs an exported step graph (see step_model.py) one token at a time with its KV cache.
-    `run(feeds) -> (next_logits, cache_k, cache_v)` is the engine: Paddle Inference, FastDeploy or ONNX Runtime."""
+    `run(feeds) -> (next_logits, *caches)` is the engine: Paddle Inference, FastDeploy or ONNX Runtime."""
 
     def __init__(self, run, feeds, tokenizer, generation, **kwargs):
         super().__init__(tokenizer, generation, **kwargs)
@@ -105,7 +105,7 @@ class StepEnginePredictor(BasePredictor):
         done = np.zeros(len(prompts), dtype=bool)
         for step in range(self.max_new_tokens):
             started = time.perf_counter()
-            logits, cache_k, cache_v = self.run(feeds)
+            logits, *caches = self.run(feeds)
             self.speed.add(step, time.perf_counter() - started, int((~done).sum()))
             chosen = choose_next(logits, rng, **self.sampling)
             for row, token in enumerate(chosen):
@@ -114,7 +114,7 @@ class StepEnginePredictor(BasePredictor):
                     done[row] = int(token) in self.stops
             if done.all():
                 break
-            feeds = self.feeds.advance(feeds, chosen, cache_k, cache_v)
+            feeds = self.feeds.advance(feeds, chosen, caches)
         return [cut_at_stop(row, self.stops) for row in tokens]
 
 

@@ -8,8 +8,10 @@ Graph inputs (all int64 but the caches):
   input_ids       [B, S]
   position_ids    [B, S]        v2/v3;  [B, 2, S] v1 (absolute, block)
   attention_mask  [B, P+S]      v2/v3 (1 = real token);  [B, 1, S, P+S] v1 (1 = may attend)
-  cache_k/cache_v [L, P, B, G, D]  (P = 0 at prefill)
-Graph outputs: next_logits [B, V] (last position), cache_k, cache_v [L, P+S, B, G, D].
+  cache_k_0, cache_v_0, …, cache_k_{L-1}, cache_v_{L-1}   [P, B, G, D] each (P = 0 at prefill)
+Graph outputs: next_logits [B, V] (last position), then each layer's key and value [P+S, B, G, D] in that order.
+One cache per layer, not a stacked [L, …] tensor: slicing a stacked input and stacking the output copied the
+whole cache twice more per step.
 `StepFeeds` builds these inputs for both the engine and the dygraph reference, from the same DataCollator batch.
 """
 import types
@@ -35,8 +37,8 @@ class GenerationStep(paddle.nn.Layer):
             for layer in model.chatglm_v2.encoder.layers:
                 layer.self_attention.forward = types.MethodType(grouped_query_attention, layer.self_attention)
 
-    def forward(self, input_ids, position_ids, attention_mask, cache_k, cache_v):
-        past = tuple((cache_k[i], cache_v[i]) for i in range(self.num_layers))
+    def forward(self, input_ids, position_ids, attention_mask, caches):
+        past = tuple((caches[2 * i], caches[2 * i + 1]) for i in range(self.num_layers))
         if self.generation == "chatglm":
             logits, rest = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                       cache=past, use_cache=True, return_dict=False)
@@ -50,7 +52,7 @@ class GenerationStep(paddle.nn.Layer):
                                                      use_cache=True, return_dict=False)[:2]
             # its hidden states are [S, B, H]; the output layer returns [B, S', V]
             next_logits = self.model.chatglm_v2.output_layer(hidden[-1:])[:, 0, :].astype("float32")
-        return next_logits, paddle.stack([p[0] for p in presents]), paddle.stack([p[1] for p in presents])
+        return (next_logits, *[tensor for present in presents for tensor in present[:2]])
 
 
 def grouped_query_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache=None, use_cache=True,
@@ -98,8 +100,12 @@ def input_specs(config, generation: str, dtype: str = "float32"):
         pos, mask = InputSpec([None, None], "int64", "position_ids"), InputSpec([None, None], "int64",
                                                                                 "attention_mask")
     return [InputSpec([None, None], "int64", "input_ids"), pos, mask,
-            InputSpec([layers, None, None, heads, dim], dtype, "cache_k"),
-            InputSpec([layers, None, None, heads, dim], dtype, "cache_v")]
+            [InputSpec([None, None, heads, dim], dtype, name) for name in cache_names(layers)]]
+
+
+def cache_names(layers: int) -> list:
+    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs, in the order its outputs return them."""
+    return [f"cache_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
 
 
 class StepFeeds:
@@ -110,18 +116,20 @@ class StepFeeds:
         self.generation = generation
         self.layers, self.heads, self.dim = cache_shape(config, generation)
         self.dtype = dtype
+        self.cache_names = cache_names(self.layers)
 
     def prefill(self, prompts) -> Dict[str, np.ndarray]:
         batch = self.collator([{"input_ids": p} for p in prompts])
         size = len(prompts)
-        empty = np.zeros((self.layers, 0, size, self.heads, self.dim), dtype=self.dtype)
+        empty = np.zeros((0, size, self.heads, self.dim), dtype=self.dtype)
         feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                 "attention_mask": batch["attention_mask"], "cache_k": empty, "cache_v": empty.copy()}
+                 "attention_mask": batch["attention_mask"], **{name: empty for name in self.cache_names}}
         # Columns each row may attend to: its real tokens (v1's last prompt row sees exactly those).
         self.valid = batch["attention_mask"] if self.generation != "chatglm" else batch["attention_mask"][:, 0, -1, :]
         return feeds
 
-    def advance(self, feeds, next_tokens: np.ndarray, cache_k, cache_v) -> Dict[str, np.ndarray]:
+    def advance(self, feeds, next_tokens: np.ndarray, caches) -> Dict[str, np.ndarray]:
+        """The next step's inputs: the chosen tokens and the caches the last step returned (in graph order)."""
         size = len(next_tokens)
         self.valid = np.concatenate([self.valid, np.ones((size, 1), dtype="int64")], axis=1)
         last = feeds["position_ids"][..., -1:]
@@ -132,4 +140,4 @@ class StepFeeds:
         else:
             position, mask = last + 1, self.valid
         return {"input_ids": next_tokens.reshape(size, 1).astype("int64"), "position_ids": position,
-                "attention_mask": mask, "cache_k": cache_k, "cache_v": cache_v}
+                "attention_mask": mask, **dict(zip(self.cache_names, caches))}
