@@ -174,11 +174,6 @@ def read_examples(path, skip_bad_records: bool = False, require_target: bool = T
     return examples
 
 
-def check_data_file(path, skip_bad_records: bool = False) -> None:
-    """Read every record of `path` now, so bad data stops a run before any weight is loaded."""
-    read_examples(path, skip_bad_records)
-
-
 def task_file(task_name_or_path, split: str) -> Path:
     """`train.json` / `dev.json` inside the task folder, with an error that says what is expected."""
     folder = Path(task_name_or_path)
@@ -307,6 +302,16 @@ class ChatGLM3Format(ChatGLM2Format):
 
     def answer_ids(self, answer):
         return self.encode("\n") + self.encode(answer)
+
+
+def cut_summary(fmt: PromptFormat, total: int, src_length: int, tgt_length: int = None) -> str:
+    """A log line for what `fmt` cut since the last summary ("" when nothing), then its counts start again."""
+    prompts, answers = fmt.cut_prompts, fmt.cut_answers
+    fmt.cut_prompts = fmt.cut_answers = 0
+    if not prompts and not (answers and tgt_length):
+        return ""
+    line = f"cut {prompts} of {total} prompts to --src_length {src_length} (template kept, the question's end dropped)"
+    return line + (f" and {answers} answers to --tgt_length {tgt_length}" if tgt_length else "")
 
 
 PROMPT_FORMATS = {"chatglm": ChatGLMFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format}

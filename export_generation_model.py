@@ -17,9 +17,8 @@ import paddle
 
 from argument import LengthArgument, ModelArgument, parse_dataclasses, require_flag
 from glm_tune.errors import run_cli
-from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, check_adapter_folders,
-                                    check_model_folder, load_model, load_tokenizer, resolve_checkpoint,
-                                    resolve_generation)
+from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, load_model, load_tokenizer,
+                                    resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
 from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
 from glm_tune.deployment.step_model import GenerationStep, cache_names, cache_shape, input_specs
@@ -87,9 +86,7 @@ def load_for_export(model_args, dtype: str):
     if model_args.prefix_path:
         raise ConfigurationError("exporting prefix-tuned models is not supported; export the base model or a "
                                  "LoRA / full fine-tune")
-    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
-    check_model_folder(model_args.model_name_or_path, generation)
-    check_adapter_folders(model_args, generation)
+    resolve_model_folder(model_args, generation)
     model = load_model(model_args.model_name_or_path, generation, dtype=dtype, use_cache=True)
     if model_args.lora_path:
         model = apply_lora(model, generation, lora_path=model_args.lora_path)

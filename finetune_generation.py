@@ -16,14 +16,14 @@ from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import set_seed
 
 from argument import DataArgument, GenerateArgument, GLMTrainingArguments, TrainModelArgument, parse_dataclasses
-from data import DataCollator, check_data_file, get_prompt_format, read_examples, task_file, tokenize_example
+from data import DataCollator, cut_summary, get_prompt_format, read_examples, task_file, tokenize_example
 from glm_tune.errors import run_cli
 from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
                                            accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl,
                                            write_run_summary)
-from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags,
-                                    check_adapter_folders, check_lengths, check_model_folder, check_tensor_parallel,
-                                    load_config, load_model, load_tokenizer, resolve_checkpoint, resolve_generation)
+from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_lengths,
+                                    check_tensor_parallel, load_config, load_model, load_tokenizer,
+                                    resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import write_owner
 from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir,
                                                drop_checkpoints, latest_complete, run_identity)
@@ -36,8 +36,8 @@ def parse_arguments(argv=None):
 
 
 def validate(model_args, data_args, training_args) -> tuple:
-    """Every check that needs no weights: returns (generation, run identity, output folder state), raises with
-    the flag to fix."""
+    """Every check that needs no weights: returns (generation, run identity, output folder state, the records of
+    each split the run reads), raises with the flag to fix."""
     check_adapter_flags(model_args)
     if training_args.per_device_train_batch_size < 1 or training_args.per_device_eval_batch_size < 1:
         raise ConfigurationError("--per_device_train_batch_size and --per_device_eval_batch_size must be at least 1")
@@ -46,13 +46,11 @@ def validate(model_args, data_args, training_args) -> tuple:
     inputs = {"--model_name_or_path": model_args.model_name_or_path, "--task_name_or_path": data_args.task_name_or_path,
               "--lora_path": model_args.lora_path, "--prefix_path": model_args.prefix_path}
     output_state = claim_output_dir(training_args.output_dir, run, inputs, training_args.overwrite_output_dir)
-    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
-    check_model_folder(model_args.model_name_or_path, generation)
-    if training_args.do_train:
-        check_data_file(task_file(data_args.task_name_or_path, "train"), data_args.skip_bad_records)
-    if training_args.do_eval:
-        check_data_file(task_file(data_args.task_name_or_path, "dev"), data_args.skip_bad_records)
-    check_adapter_folders(model_args, generation)
+    resolve_model_folder(model_args, generation)
+    # read (and so checked) here, before any weight is loaded; the datasets are built from these records
+    splits = ["train"] * training_args.do_train + ["dev"] * training_args.do_eval
+    records = {split: read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records)
+               for split in splits}
     config = load_config(model_args.model_name_or_path, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
     degree = training_args.requested_tensor_parallel_degree
@@ -71,7 +69,7 @@ def validate(model_args, data_args, training_args) -> tuple:
         for folder in drop_checkpoints(training_args.output_dir):
             logger.info("--overwrite_output_dir: removed %s of an earlier run", folder)
         output_state = "new"
-    return generation, run, output_state
+    return generation, run, output_state, records
 
 
 def model_dtype(training_args) -> str:
@@ -97,16 +95,17 @@ def build_model(model_args, training_args, generation):
     return model
 
 
-def build_datasets(data_args, training_args, tokenizer, generation, gen_args=None):
+def build_datasets(data_args, training_args, tokenizer, generation, records, gen_args=None):
     fmt = get_prompt_format(generation, tokenizer)
 
     def features(split, is_test=False):
-        examples = read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records)
+        examples = records[split]
         if split == "dev" and data_args.max_eval_samples:
             examples = examples[: data_args.max_eval_samples]
-        fmt.cut_prompts = fmt.cut_answers = 0
         feats = [tokenize_example(fmt, e, data_args.src_length, data_args.tgt_length, is_test) for e in examples]
-        log_cuts(f"{split}.json", len(examples), fmt, data_args)
+        cuts = cut_summary(fmt, len(examples), data_args.src_length, data_args.tgt_length)
+        if cuts:
+            logger.info("%s.json: %s", split, cuts)
         return examples, feats
 
     train = MapDataset(features("train")[1]) if training_args.do_train else None
@@ -120,13 +119,6 @@ def build_datasets(data_args, training_args, tokenizer, generation, gen_args=Non
                                             data_args.tgt_length, training_args.per_device_eval_batch_size,
                                             vars(gen_args) if gen_args else None)
     return train, dev, evaluator
-
-
-def log_cuts(what: str, total: int, fmt, data_args) -> None:
-    if fmt.cut_prompts or fmt.cut_answers:
-        logger.info("%s: cut %d of %d prompts to --src_length %d (template kept, the question's end dropped) and "
-                    "%d answers to --tgt_length %d", what, fmt.cut_prompts, total, data_args.src_length,
-                    fmt.cut_answers, data_args.tgt_length)
 
 
 def resume_checkpoint(training_args, output_state: str = "same_run"):
@@ -156,7 +148,7 @@ def main(argv=None):
     """Run the job; returns (trainer, metrics) so tests can look inside."""
     console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
-    generation, run, output_state = validate(model_args, data_args, training_args)
+    generation, run, output_state, records = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
         from glm_tune.training import tp_cpu_compat
@@ -165,15 +157,16 @@ def main(argv=None):
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():
-        return train_and_evaluate(model_args, data_args, training_args, generation, run, resume_from, gen_args)
+        return train_and_evaluate(model_args, data_args, training_args, generation, records, run, resume_from,
+                                  gen_args)
 
 
-def train_and_evaluate(model_args, data_args, training_args, generation, run=None, resume_from=None,
+def train_and_evaluate(model_args, data_args, training_args, generation, records, run=None, resume_from=None,
                        gen_args=None):
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = build_model(model_args, training_args, generation)
-    train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation, gen_args)
+    train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation, records, gen_args)
     if training_args.process_index == 0:  # the folder is this run's from here on
         write_owner(training_args.output_dir, COMMAND, run=run)
 

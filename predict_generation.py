@@ -14,9 +14,8 @@ import paddle
 
 from argument import DygraphPredictArgument, GenerateArgument, LengthArgument, ModelArgument, parse_dataclasses
 from glm_tune.errors import run_cli
-from glm_tune.model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_adapter_folders, check_lengths,
-                                    check_model_folder, load_config, load_model, load_tokenizer, resolve_checkpoint,
-                                    resolve_generation)
+from glm_tune.model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_lengths, load_config,
+                                    load_model, load_tokenizer, resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import check_output_dir
 from glm_tune.deployment.predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
 from glm_tune.conversion.tp_merge import MERGE_COMMAND, merge_tp_shards
@@ -57,9 +56,7 @@ def init_tensor_parallel() -> tuple:
 def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, rank=0) -> DygraphPredictor:
     check_adapter_flags(model_args)
     generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
-    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
-    check_model_folder(model_args.model_name_or_path, generation)
-    check_adapter_folders(model_args, generation)
+    resolve_model_folder(model_args, generation)
     check_lengths(load_config(model_args.model_name_or_path, generation), data_args.src_length, data_args.tgt_length)
     tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
     model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,

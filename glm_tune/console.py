@@ -34,6 +34,12 @@ def verbose_requested(argv=None) -> bool:
     return False
 
 
+def add_verbose_flag(parser) -> None:
+    """--verbose for an argparse tool (the dataclass scripts get it from argument.ConsoleArgument)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
+
+
 def quiet_startup(argv=None) -> bool:
     """Call before importing paddle: filters the import-time noise unless verbose. Returns verbose."""
     verbose = verbose_requested(argv)

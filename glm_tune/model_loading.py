@@ -164,6 +164,14 @@ def check_adapter_folders(model_args, generation: str) -> None:
                                      "trained from")
 
 
+def resolve_model_folder(model_args, generation: str) -> None:
+    """--model_name_or_path becomes the Paddle folder to load (a Hugging Face folder is converted once), and that
+    folder and any --lora_path / --prefix_path are checked before a weight is read."""
+    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
+    check_model_folder(model_args.model_name_or_path, generation)
+    check_adapter_folders(model_args, generation)
+
+
 def check_adapter_matches(adapter_model, path, weights_stem: str) -> None:
     """Every tensor of the adapter file has a place of the same shape in the wrapped model (PaddleNLP skips
     unmatched tensors without a word, so a LoRA of another model would leave the base model unchanged)."""

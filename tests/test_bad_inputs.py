@@ -246,7 +246,7 @@ def test_overwrite_output_dir_drops_another_runs_checkpoints_only_after_every_ch
                    r"train\.json:1: malformed JSON", tmp_path)  # a later check fails: nothing dropped yet
     args = finetune_generation.parse_arguments(ft_argv(model, task, out, overwrite_output_dir=True,
                                                        resume_from_checkpoint="auto"))
-    _, _, state = finetune_generation.validate(args[0], args[1], args[3])
+    _, _, state, _ = finetune_generation.validate(args[0], args[1], args[3])
     assert state == "new" and finetune_generation.resume_checkpoint(args[3], state) is None
     assert not (out / "checkpoint-4").exists() and (out / "notes.txt").read_text() == "kept"
 

@@ -38,8 +38,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--max_shard_size", default="2GB", help="largest output file, e.g. 2GB or 500MB")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output_dir that this command did not write")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     console.setup_logging(args.verbose)
     if not Path(args.input_dir).is_dir():

@@ -9,7 +9,6 @@ learns the mapping scores visibly higher ROUGE/BLEU than an untrained one, which
 """
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
+from glm_tune.safe_output import atomic_write_text, check_output_dir, write_owner  # noqa: E402
 
 COMMAND = "make_demo_data"
 
@@ -100,11 +99,7 @@ def make_split(num: int, rng: random.Random, taken: set) -> list:
 
 
 def write_jsonl(records: list, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def make_demo_data(output_dir, num_train: int = 2000, num_dev: int = 100, seed: int = 42,

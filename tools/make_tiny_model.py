@@ -212,8 +212,7 @@ def main(argv=None) -> None:
                              "--overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output_dir that this command did not write")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
+    console.add_verbose_flag(parser)
     parser.add_argument("--format", default="paddle", choices=["paddle", "hf", "glm"],
                         help="paddle: PaddleNLP from_pretrained layout; hf: THUDM's Hugging Face layout; glm: "
                              "transformers' GlmForCausalLM layout for qlora/ (v2/v3 only)")

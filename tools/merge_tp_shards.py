@@ -23,8 +23,7 @@ def main(argv=None) -> None:
                                            "one only if an earlier merge wrote it, or with --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output_dir that no merge wrote")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the libraries' own start-up warnings and log lines (also GLM_TUNE_VERBOSE=1)")
+    console.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     console.setup_logging(args.verbose)
     out = merge_tp_shards(args.checkpoint_dir, args.output_dir, args.overwrite)

@@ -8,7 +8,7 @@ from typing import List
 
 import numpy as np
 
-from data import Example, get_prompt_format
+from data import Example, cut_summary, get_prompt_format
 from glm_tune.generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -28,11 +28,10 @@ class BasePredictor:
         self.seed = seed
 
     def _preprocess(self, examples: List[Example]) -> List[List[int]]:
-        self.format.cut_prompts = 0
         prompts = [self.format.prompt_ids(e.src, e.history, self.src_length) for e in examples]
-        if self.format.cut_prompts:
-            logger.info("cut %d of %d prompts to --src_length %d (template kept, the question's end dropped)",
-                        self.format.cut_prompts, len(prompts), self.src_length)
+        cuts = cut_summary(self.format, len(prompts), self.src_length)
+        if cuts:
+            logger.info(cuts)
         return prompts
 
     def _infer(self, prompts: List[List[int]]) -> List[List[int]]:
