@@ -158,6 +158,25 @@ class DygraphPredictArgument(PredictArgument):
 
 
 @dataclass
+class EngineArgument:
+    """Which exported model runs on which engine (infer_generation.py and serve_generation.py)."""
+    model_path: str = field(default="./checkpoints/infer", metadata={"help": "Folder of the exported model."})
+    model_prefix: str = field(default="chatglm", metadata={"help": "File prefix of the exported model."})
+    backend: Optional[str] = field(default=None, metadata={
+        "help": "onnxruntime (ONNX Runtime, fp32 or weight-only int8/int4), paddle (Paddle Inference C++ predictor) "
+                "or fastdeploy (FastDeploy runtime, if installed); default: the fastest the export holds."})
+    precision: Optional[str] = field(default=None, metadata={
+        "help": "fp32, int8 or int4 (the last two: onnxruntime on a --quantize export); default: the fastest the "
+                "export holds for the backend."})
+    threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
+
+    def __post_init__(self):
+        require_flag(self.threads >= 1, f"--threads {self.threads} must be at least 1")
+        require_flag(self.precision in (None, "fp32", "int8", "int4"),
+                     f"--precision {self.precision!r}: choose fp32, int8 or int4")
+
+
+@dataclass
 class ConsoleArgument:
     verbose: bool = field(default=False, metadata={"help": "Show the libraries' own start-up warnings and log lines "
                                                            "(also GLM_TUNE_VERBOSE=1)."})

@@ -17,6 +17,7 @@ that is what PaddleNLP's ChatGLM models expect. Prompts longer than `src_length`
 then the end of the user's question; the template (round headers, role tokens, answer cue) is never cut. Answers
 are cut at `tgt_length` and always end with the end-of-answer token. Formats count what they cut.
 """
+import ast
 import json
 import logging
 from dataclasses import dataclass, field
@@ -248,6 +249,25 @@ class PromptFormat:
     def answer_ids(self, answer: str) -> List[int]:
         return self.encode(answer)
 
+    def chat_prompt_ids(self, turns) -> List[int]:
+        """The prompt of a conversation (`ChatTurn`s) that ends with the user's question, untruncated. These
+        generations know only (question, answer) rounds: earlier user/assistant pairs become the history THUDM's
+        chat() builds, and system text, which has no role here, opens the first question."""
+        system = [t.content for t in turns if t.role == "system"]
+        rounds = [t for t in turns if t.role != "system"]
+        for number, turn in enumerate(rounds):
+            expected = "user" if number % 2 == 0 else "assistant"
+            if turn.role != expected:
+                raise DataFormatError(f"this model takes user and assistant messages in turn, starting and ending "
+                                      f"with the user's (found {turn.role!r} where {expected!r} belongs)")
+        if not rounds or rounds[-1].role != "user":
+            raise DataFormatError("the conversation must end with a user message")
+        questions = [t.content for t in rounds[::2]]
+        if system:
+            questions[0] = "\n".join(system + [questions[0]])
+        history = list(zip(questions[:-1], [t.content for t in rounds[1::2]]))
+        return self._assemble(questions[-1], history)
+
     def target_ids(self, answer: str, tgt_length: int = None) -> List[int]:
         eos = [self.tokenizer.eos_token_id]
         ids = self.answer_ids(answer)
@@ -286,10 +306,25 @@ class ChatGLM2Format(PromptFormat):
 
 
 class ChatGLM3Format(ChatGLM2Format):
-    """ChatGLM3-6B: role tokens, each message "<|role|>" + "\\n" + text (THUDM build_single_message)."""
+    """ChatGLM3-6B: role tokens, each message "<|role|>" + metadata + "\\n" + text (THUDM build_single_message)."""
 
-    def message(self, role: str, text: str) -> List[int]:
-        return [self.tokenizer.get_command(f"<|{role}|>")] + self.encode("\n") + self.encode(text)
+    ROLES = ("system", "user", "assistant", "observation")
+
+    def message(self, role: str, text: str, metadata: str = "") -> List[int]:
+        # the role's special id, then metadata line and text encoded apart, as build_single_message does
+        return [self.tokenizer.get_command(f"<|{role}|>")] + self.encode(metadata + "\n") + self.encode(text)
+
+    def chat_prompt_ids(self, turns) -> List[int]:
+        """A whole conversation in role tokens (tool calls and observations too), ending with the answer cue."""
+        for number, turn in enumerate(turns):
+            if turn.role not in self.ROLES:
+                raise DataFormatError(f"message {number}: role {turn.role!r} is not one of {', '.join(self.ROLES)}")
+        if not turns or turns[-1].role not in ("user", "observation"):
+            raise DataFormatError("the conversation must end with a user message or a tool result")
+        ids = self.prefix_ids()
+        for turn in turns:
+            ids += self.message(turn.role, turn.content, turn.metadata)
+        return ids + self.suffix_ids()
 
     def body_ids(self, query, history):
         ids = []
@@ -312,6 +347,59 @@ def cut_summary(fmt: PromptFormat, total: int, src_length: int, tgt_length: int 
         return ""
     line = f"cut {prompts} of {total} prompts to --src_length {src_length} (template kept, the question's end dropped)"
     return line + (f" and {answers} answers to --tgt_length {tgt_length}" if tgt_length else "")
+
+
+# ---------------------------------------------------------------------------------- ChatGLM3 tool calls
+
+
+@dataclass
+class ChatTurn:
+    """One message: role system | user | assistant | observation; an assistant tool call carries the tool's name
+    as `metadata` (ChatGLM3)."""
+    role: str
+    content: str
+    metadata: str = ""
+
+
+TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
+
+
+def tools_system_text(tools: list) -> str:
+    """The system message THUDM's ChatGLM3 tokenizer builds for a list of tools."""
+    return TOOLS_PREAMBLE + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
+
+
+def tool_call_turn(name: str, arguments: dict) -> ChatTurn:
+    """An assistant turn that calls `name`: metadata = the name, content = a fenced `tool_call(k=v, ...)` with
+    Python literals (how THUDM's tool-use fine-tuning data renders calls)."""
+    bad = [k for k in arguments if not (isinstance(k, str) and k.isidentifier())]
+    if bad:
+        raise DataFormatError(f"tool {name!r}: argument names {bad} are not identifiers; tool_call(...) cannot "
+                              "carry them")
+    call = ast.Call(func=ast.Name(id="tool_call"), args=[],
+                    keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()])
+    return ChatTurn("assistant", "```python\n" + ast.unparse(call) + "\n```", metadata=name)
+
+
+def parse_tool_call(text: str):
+    """(name, arguments) of a generated ChatGLM3 tool call (a metadata line with the tool's name, then a fenced
+    `tool_call(k=v, ...)`), or None when `text` is a plain answer or not a well-formed call. The call is read
+    with `ast` and its arguments with `ast.literal_eval`: nothing the model wrote is ever evaluated."""
+    name, newline, body = text.partition("\n")
+    name, body = name.strip(), body.strip()
+    if not name or not newline or any(c.isspace() for c in name):
+        return None
+    if body.startswith("```"):  # ```python ... ```
+        body = body.partition("\n")[2].rstrip().removesuffix("```")
+    try:
+        call = ast.parse(body, mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
+                and not call.args and all(k.arg for k in call.keywords)):
+            return None
+        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+    return name, arguments
 
 
 PROMPT_FORMATS = {"chatglm": ChatGLMFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format}

@@ -11,61 +11,38 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from argument import GenerateArgument, PredictArgument, parse_dataclasses, require_flag
+from argument import EngineArgument, GenerateArgument, PredictArgument, parse_dataclasses, require_flag
 from data import Example
 from glm_tune.errors import one_line, run_cli
-from glm_tune.glm_family import get_generation
-from glm_tune.deployment.inference_engine import (check_export_folder, choose_engine, create_engine,
-                                                  read_description)
+from glm_tune.deployment.exported_model import open_export
 from glm_tune.deployment.predictor import (StepEnginePredictor, check_predictions_target, load_prompts,
                                            report_predictions)
-from glm_tune.deployment.step_model import StepFeeds
 
 logger = logging.getLogger("infer_generation")
 
 
 @dataclass
-class InferArgument:
-    model_path: str = field(default="./checkpoints/infer", metadata={"help": "Folder of the exported model."})
-    model_prefix: str = field(default="chatglm", metadata={"help": "File prefix of the exported model."})
-    backend: Optional[str] = field(default=None, metadata={
-        "help": "onnxruntime (ONNX Runtime, fp32 or weight-only int8/int4), paddle (Paddle Inference C++ predictor) "
-                "or fastdeploy (FastDeploy runtime, if installed); default: the fastest the export holds."})
-    precision: Optional[str] = field(default=None, metadata={
-        "help": "fp32, int8 or int4 (the last two: onnxruntime on a --quantize export); default: the fastest the "
-                "export holds for the backend."})
-    threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
+class InferArgument(EngineArgument):
     src_length: Optional[int] = field(default=None, metadata={"help": "Max prompt tokens (default: export's)."})
     tgt_length: Optional[int] = field(default=None, metadata={"help": "Max new tokens (default: export's)."})
     interactive: bool = field(default=False, metadata={"help": "Read prompts from stdin, one per line, and answer "
                                                                "each (keeps the conversation as history)."})
 
     def __post_init__(self):
-        require_flag(self.threads >= 1, f"--threads {self.threads} must be at least 1")
-        require_flag(self.precision in (None, "fp32", "int8", "int4"),
-                     f"--precision {self.precision!r}: choose fp32, int8 or int4")
+        super().__post_init__()
         require_flag(self.src_length is None or self.src_length > 2,
-               f"--src_length {self.src_length} must exceed 2 (omit it for the export's default)")
+                     f"--src_length {self.src_length} must exceed 2 (omit it for the export's default)")
         require_flag(self.tgt_length is None or self.tgt_length >= 1,
-               f"--tgt_length {self.tgt_length} must be at least 1 (omit it for the export's default)")
+                     f"--tgt_length {self.tgt_length} must be at least 1 (omit it for the export's default)")
 
 
 def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
-    info = read_description(infer_args.model_path, infer_args.model_prefix)
-    generation = info["generation"]
-    backend, precision = choose_engine(info, infer_args.backend, infer_args.precision)
-    logger.info("engine: %s %s%s", backend, precision, "" if infer_args.backend and infer_args.precision else
-                " (the fastest this export holds for what was asked; --backend / --precision choose another)")
-    check_export_folder(infer_args.model_path, infer_args.model_prefix, generation, backend, precision)
-    config_class, _, tokenizer_class = get_generation(generation).classes()
-    tokenizer = tokenizer_class.from_pretrained(infer_args.model_path)
-    config = config_class.from_pretrained(infer_args.model_path)
-    engine = create_engine(backend, infer_args.model_path, infer_args.model_prefix, infer_args.threads, precision)
-    defaults = info["defaults"]
+    model = open_export(infer_args)
+    defaults = model.info["defaults"]
     src_length = defaults["src_length"] if infer_args.src_length is None else infer_args.src_length
     max_new_tokens = defaults["max_new_tokens"] if infer_args.tgt_length is None else infer_args.tgt_length
     return StepEnginePredictor(
-        engine, StepFeeds(tokenizer, generation, config, info["dtype"]), tokenizer, generation,
+        model.engine, model.feeds, model.tokenizer, model.generation,
         src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,
         decode_strategy=gen_args.decode_strategy, top_k=gen_args.top_k, top_p=gen_args.top_p,
         temperature=gen_args.temperature, seed=predict_args.seed)

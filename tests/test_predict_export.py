@@ -23,23 +23,6 @@ from .test_finetune import batch_logits, finetune_argv
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def trained(tiny_dir, demo_data, tmp_path_factory):
-    """A tiny model of each generation after 150 steps on the demo data: its greedy answers vary with the prompt
-    (an untrained v1 repeats one token), so token-level comparisons mean something."""
-    built = {}
-
-    def get(model_type):
-        if model_type not in built:
-            out = tmp_path_factory.mktemp(f"trained_{model_type}")
-            finetune_generation.main(finetune_argv(tiny_dir(model_type), demo_data, out, max_steps=150,
-                                                   learning_rate=5e-3, per_device_train_batch_size=16))
-            built[model_type] = out
-        return built[model_type]
-
-    return get
-
-
 def varied_prompts(demo_data, count=24):
     """Dev prompts of varied length, a few with history, and short chat prompts."""
     dev = read_examples(demo_data / "dev.json")[:count - 4]

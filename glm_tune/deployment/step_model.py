@@ -130,14 +130,19 @@ class StepFeeds:
 
     def advance(self, feeds, next_tokens: np.ndarray, caches) -> Dict[str, np.ndarray]:
         """The next step's inputs: the chosen tokens and the caches the last step returned (in graph order)."""
+        self.valid = np.concatenate([self.valid, np.ones((len(next_tokens), 1), dtype="int64")], axis=1)
+        return self.next_feeds(self.valid, feeds["position_ids"][..., -1:], next_tokens, caches)
+
+    def next_feeds(self, valid: np.ndarray, last_positions: np.ndarray, next_tokens: np.ndarray,
+                   caches) -> Dict[str, np.ndarray]:
+        """Inputs of a one-token step for rows whose cache columns (the new token's included) are `valid` [B, T]
+        and whose last positions were `last_positions` ([B, 1], or [B, 2, 1] for v1)."""
         size = len(next_tokens)
-        self.valid = np.concatenate([self.valid, np.ones((size, 1), dtype="int64")], axis=1)
-        last = feeds["position_ids"][..., -1:]
         if self.generation == "chatglm":
-            position = last.copy()
+            position = last_positions.copy()
             position[:, 1] += 1  # the absolute position stays at [gMASK]; the block position counts on
-            mask = self.valid[:, None, None, :]
+            mask = valid[:, None, None, :]
         else:
-            position, mask = last + 1, self.valid
-        return {"input_ids": next_tokens.reshape(size, 1).astype("int64"), "position_ids": position,
+            position, mask = last_positions + 1, valid
+        return {"input_ids": np.asarray(next_tokens).reshape(size, 1).astype("int64"), "position_ids": position,
                 "attention_mask": mask, **dict(zip(self.cache_names, caches))}

@@ -1,0 +1,211 @@
+"""The HTTP side of serve_generation.py: FastAPI routes for OpenAI's chat-completions API over the scheduler.
+
+Requests are parsed by openai_protocol.py; each completion is a `Request` in the continuous-batching scheduler,
+whose thread hands tokens to this event loop through a per-request asyncio queue. A client that disconnects
+(stream or not) cancels its row; the scheduler drops it at the next step.
+"""
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glm_tune.serving.answer_text import AnswerText
+from glm_tune.serving.continuous_batching import Request, Sampling, Scheduler, ServerBusy
+from glm_tune.serving.openai_protocol import ApiError, Completion, Limits, parse_chat_request, usage
+
+logger = logging.getLogger(__name__)
+
+CHAT_PAGE = Path(__file__).with_name("chat_page.html")
+
+
+@dataclass
+class ServedModel:
+    """What the routes need from the loaded export."""
+    name: str
+    generation: str
+    tokenizer: object
+    prompt_format: object
+    scheduler: Scheduler
+    limits: Limits
+    sampling: Sampling
+
+
+def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
+               ui: bool = False) -> FastAPI:
+    app = FastAPI(title="glm-tune", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(ApiError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, err: Exception):
+        logger.exception("unexpected error")
+        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", kind="server_error").body(),
+                            status_code=500)
+
+    def authorize(http: HttpRequest) -> None:
+        if api_key is None:
+            return
+        header = http.headers.get("authorization", "")
+        given = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                                "key the server was started with", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health(http: HttpRequest):
+        authorize(http)
+        scheduler = model.scheduler
+        return {"status": "ok", "model": model.name, "running": scheduler.running,
+                "waiting": scheduler.waiting.qsize(), **scheduler.stats}
+
+    @app.get("/v1/models")
+    async def models(http: HttpRequest):
+        authorize(http)
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": 0,
+                                            "owned_by": "glm-tune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        authorize(http)
+        body = await read_json(http, max_body_bytes)
+        request = parse_chat_request(body, model.prompt_format, model.generation, model.limits, model.sampling)
+        run = Run(model, request)
+        if request.stream:
+            return EventSourceResponse(run.stream(), ping=15, sep="\n")
+        return JSONResponse(await run.complete(http))
+
+    if ui:
+        @app.get("/", response_class=HTMLResponse)
+        async def page():
+            return CHAT_PAGE.read_text(encoding="utf-8")
+
+    return app
+
+
+async def read_json(http: HttpRequest, limit: int):
+    """The body as JSON, refusing more than `limit` bytes before reading them all."""
+    declared = http.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {declared} bytes; this server takes at most {limit} "
+                            "(--max_body_bytes)", code="request_too_large")
+    data = bytearray()
+    async for part in http.stream():
+        data += part
+        if len(data) > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes (--max_body_bytes)", code="request_too_large")
+    try:
+        return json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+
+
+class Run:
+    """One completion: submits the row, turns scheduler events into OpenAI objects."""
+
+    def __init__(self, model: ServedModel, request):
+        self.model, self.request = model, request
+        self.completion = Completion(model.name)
+        self.text = AnswerText(model.tokenizer, request.stop, request.tool_names)
+        self.events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        put = lambda *event: loop.call_soon_threadsafe(self.events.put_nowait, event)  # noqa: E731
+        self.row = Request(request.prompt_ids, request.max_tokens, on_token=lambda t: put("token", t),
+                           on_finish=lambda reason: put("finish", reason), on_error=lambda msg: put("error", msg),
+                           sampling=request.sampling)
+        try:
+            model.scheduler.submit(self.row)
+        except ServerBusy as err:
+            raise ApiError(429, f"server busy: {err}", code="server_busy", kind="rate_limit_error") from None
+        self.started = time.perf_counter()
+
+    async def events_until_done(self):
+        """(kind, value) per token, ending with ("finish", reason) or ("error", message)."""
+        while True:
+            kind, value = await self.events.get()
+            if kind == "token":
+                delta = self.text.add(value)
+                if self.text.stopped:  # a stop string: the answer ends here
+                    self.row.cancel()
+                    yield "finish", "stop"
+                    return
+                yield "delta", delta
+                continue
+            yield kind, value
+            return
+
+    def finish(self, reason: str):
+        """(last text delta, tool call or None, finish_reason)."""
+        rest, call = self.text.finish()
+        if call is not None:
+            return rest, call, "tool_calls"
+        return rest, None, reason
+
+    def usage(self) -> dict:
+        return usage(len(self.request.prompt_ids), len(self.text.ids))
+
+    async def complete(self, http: HttpRequest) -> dict:
+        watcher = asyncio.ensure_future(_disconnected(http))
+        try:
+            async for kind, value in self.events_until_done():
+                if watcher.done():
+                    raise ApiError(499, "client closed the request")
+                if kind == "error":
+                    raise ApiError(500, value, kind="server_error")
+                if kind == "finish":
+                    _, call, reason = self.finish(value)
+                    return self.completion.response(None if call else self.text.text, call, reason, self.usage())
+        finally:
+            watcher.cancel()
+            self.row.cancel()
+
+    async def stream(self):
+        include = self.request.include_usage
+        no_usage = None if include else False
+        try:
+            yield _data(self.completion.chunk({"role": "assistant", "content": ""}, usage=no_usage))
+            async for kind, value in self.events_until_done():
+                if kind == "delta":
+                    if value:
+                        yield _data(self.completion.chunk({"content": value}, usage=no_usage))
+                elif kind == "error":
+                    yield _data(ApiError(500, value, kind="server_error").body())
+                    break
+                else:
+                    rest, call, reason = self.finish(value)
+                    if rest:
+                        yield _data(self.completion.chunk({"content": rest}, usage=no_usage))
+                    if call is not None:
+                        delta = {"tool_calls": [self.completion.tool_call(call, index=0)]}
+                        yield _data(self.completion.chunk(delta, usage=no_usage))
+                    yield _data(self.completion.chunk({}, reason, usage=no_usage))
+                    if include:
+                        yield _data(self.completion.usage_chunk(self.usage()))
+            yield {"data": "[DONE]"}
+        finally:  # also when the client went away and the response task was cancelled
+            self.row.cancel()
+
+
+def _data(obj: dict) -> dict:
+    return {"data": json.dumps(obj, ensure_ascii=False)}
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns once the client has gone away (a non-streamed request cannot notice otherwise)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(0.25)

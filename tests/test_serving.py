@@ -1,0 +1,538 @@
+"""serve_generation.py: request rules, tool-call parsing, streamed text, continuous batching (in process), and a
+live server driven by the official `openai` client (127.0.0.1 only, bounded request loops)."""
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from data import ChatTurn, get_prompt_format, parse_tool_call, tool_call_turn, tools_system_text
+from glm_tune.generation import decode_answer
+
+from .conftest import GENERATIONS
+from .test_predict_export import varied_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+
+
+# ------------------------------------------------------------------------------------- tool-call parsing
+
+THUDM_CALLS = [  # (generated text, expected (name, arguments) or None)
+    ("get_weather\n```python\ntool_call(city_name='北京')\n```", ("get_weather", {"city_name": "北京"})),
+    (" track\n```python\ntool_call(symbol='AAPL', days=3)\n```", ("track", {"symbol": "AAPL", "days": 3})),
+    ("search\n```python\ntool_call(query='he said \"hi\" and it\\'s fine', opts={'deep': [1, {'x': None}], "
+     "'on': True})\n```", ("search", {"query": "he said \"hi\" and it's fine", "opts": {"deep": [1, {"x": None}],
+                                                                                      "on": True}})),
+    ("convert\ntool_call(value=-2.5, unit=\"°C\")", ("convert", {"value": -2.5, "unit": "°C"})),
+    ("\n今天天气很好。", None),                                             # plain answer: empty metadata line
+    ("get_weather\n```python\ntool_call('北京')\n```", None),             # positional argument
+    ("get_weather\n```python\ntool_call(city=北京)\n```", None),          # a name, not a literal
+    ("get_weather\n```python\ntool_call(city='北京'\n```", None),         # unclosed
+    ("get_weather\n```python\nprint('x')\n```", None),                     # not tool_call
+    ("get_weather\n```python\ntool_call(**{'a': 1})\n```", None),         # ** expansion
+    ("get weather\n```python\ntool_call(a=1)\n```", None),                # a name with a space is prose
+    ("get_weather", None),                                                 # no body
+]
+
+
+@pytest.mark.parametrize("text,expected", THUDM_CALLS)
+def test_tool_calls_are_parsed_from_thudm_format_text(text, expected):
+    assert parse_tool_call(text) == expected
+
+
+def test_a_tool_call_is_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    for body in (f"__import__('pathlib').Path({str(marker)!r}).touch()",
+                 f"x=__import__('pathlib').Path({str(marker)!r}).touch()",
+                 f"x=[__import__('os').system('touch {marker}')]"):
+        assert parse_tool_call(f"run\n```python\ntool_call({body})\n```") is None
+    assert not marker.exists()
+
+
+def test_a_rendered_tool_call_parses_back_to_the_same_call():
+    arguments = {"city": "上海", "quote": "it's \"x\"", "nested": {"list": [1, 2.5, None, False]}}
+    turn = tool_call_turn("get_weather", arguments)
+    assert turn.metadata == "get_weather" and turn.content.startswith("```python\ntool_call(")
+    assert parse_tool_call(f"{turn.metadata}\n{turn.content}") == ("get_weather", arguments)
+
+
+# ---------------------------------------------------------------------------------------- chat prompts
+
+
+def test_chatglm3_conversation_prompt_is_role_tokens_as_thudm_builds_them(tiny_tokenizer):
+    tok = tiny_tokenizer("chatglm3")
+    fmt = get_prompt_format("chatglm3", tok)
+    cmd, enc = tok.get_command, tok.tokenizer.encode
+    # plain multi-turn: the same ids the training/eval prompt builder makes
+    turns = [ChatTurn("user", "你好"), ChatTurn("assistant", "你好！"), ChatTurn("user", "类型#裙")]
+    assert fmt.chat_prompt_ids(turns) == fmt.prompt_ids("类型#裙", [("你好", "你好！")])
+    # tools, a call, its observation: each piece encoded on its own after the role's special id
+    tools = [{"name": "get_weather", "description": "天气", "parameters": {"type": "object"}}]
+    turns = [ChatTurn("system", tools_system_text(tools)), ChatTurn("user", "北京天气"),
+             tool_call_turn("get_weather", {"city": "北京"}), ChatTurn("observation", '{"temp": 3}')]
+    expected = ([cmd("[gMASK]"), cmd("sop")]
+                + [cmd("<|system|>")] + enc("\n") + enc(tools_system_text(tools))
+                + [cmd("<|user|>")] + enc("\n") + enc("北京天气")
+                + [cmd("<|assistant|>")] + enc("get_weather\n") + enc("```python\ntool_call(city='北京')\n```")
+                + [cmd("<|observation|>")] + enc("\n") + enc('{"temp": 3}')
+                + [cmd("<|assistant|>")])
+    assert fmt.chat_prompt_ids(turns) == expected
+    assert tools_system_text(tools).startswith("Answer the following questions as best as you can. You have "
+                                               "access to the following tools:\n[\n    {")
+
+
+def test_chatglm2_folds_system_text_into_the_first_question(tiny_tokenizer):
+    fmt = get_prompt_format("chatglm2", tiny_tokenizer("chatglm2"))
+    turns = [ChatTurn("system", "简短回答"), ChatTurn("user", "你好"), ChatTurn("assistant", "你好！"),
+             ChatTurn("user", "类型#裙")]
+    assert fmt.chat_prompt_ids(turns) == fmt.prompt_ids("类型#裙", [("简短回答\n你好", "你好！")])
+    from data import DataFormatError
+
+    for bad in ([ChatTurn("user", "a"), ChatTurn("user", "b")], [ChatTurn("user", "a"), ChatTurn("assistant", "b")],
+                [ChatTurn("observation", "x"), ChatTurn("user", "a")]):
+        with pytest.raises(DataFormatError):
+            fmt.chat_prompt_ids(bad)
+
+
+def request_body(**fields):
+    return {"messages": [{"role": "user", "content": "你好"}], **fields}
+
+
+BAD_REQUESTS = [  # (body, status, param)
+    ([1, 2], 400, None),
+    ({"model": "x"}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": ["hi"]}, 400, "messages[0]"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 400,
+     "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+    (request_body(n=2), 400, "n"),
+    (request_body(max_tokens=0), 400, "max_tokens"),
+    (request_body(max_tokens="10"), 400, "max_tokens"),
+    (request_body(max_tokens=10 ** 9), 400, "max_tokens"),
+    (request_body(temperature=3), 400, "temperature"),
+    (request_body(top_p=0), 400, "top_p"),
+    (request_body(seed=1.5), 400, "seed"),
+    (request_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    (request_body(stream="yes"), 400, "stream"),
+    (request_body(logprobs=True), 400, "logprobs"),
+    (request_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"), 400,
+     "tool_choice"),
+    (request_body(tools=[{"type": "function"}]), 400, "tools[0]"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": None,
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+                   {"role": "tool", "content": "1"}]}, 400, "messages[1].tool_calls[0].function"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_requests_get_their_status_and_an_openai_error(body, status, param, tiny_tokenizer):
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import ApiError, Limits, parse_chat_request
+
+    fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(body, fmt, "chatglm3", Limits(max_tokens=512, context_length=2048), Sampling())
+    error = caught.value.body()["error"]
+    assert caught.value.status == status and error["param"] == param
+    assert error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_tools_need_chatglm3_and_the_context_limit_names_both_lengths(tiny_tokenizer):
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import ApiError, Limits, parse_chat_request
+
+    fmt2 = get_prompt_format("chatglm2", tiny_tokenizer("chatglm2"))
+    with pytest.raises(ApiError, match="needs a ChatGLM3 model"):
+        parse_chat_request(request_body(tools=[{"type": "function", "function": {"name": "f"}}]), fmt2, "chatglm2",
+                           Limits(), Sampling())
+    long = request_body(messages=[{"role": "user", "content": "类型#上衣*颜色#白色" * 400}])
+    prompt = len(fmt2.chat_prompt_ids([ChatTurn("user", "类型#上衣*颜色#白色" * 400)]))
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(long, fmt2, "chatglm2", Limits(context_length=prompt - 5), Sampling())
+    assert f"{prompt} tokens" in caught.value.message and f"{prompt - 5} tokens" in caught.value.message
+    with pytest.raises(ApiError, match="lower max_tokens to 5"):
+        parse_chat_request({**long, "max_tokens": 6}, fmt2, "chatglm2", Limits(context_length=prompt + 5),
+                           Sampling())
+
+
+def test_a_tool_round_trip_request_renders_call_and_result(tiny_tokenizer):
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import Limits, parse_chat_request
+
+    fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
+    tool = {"name": "get_weather", "description": "天气", "parameters": {"type": "object"}}
+    body = {"tools": [{"type": "function", "function": tool}], "messages": [
+        {"role": "user", "content": "北京天气"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]}
+    request = parse_chat_request(body, fmt, "chatglm3", Limits(), Sampling())
+    expected = fmt.chat_prompt_ids([ChatTurn("system", tools_system_text([tool])), ChatTurn("user", "北京天气"),
+                                    tool_call_turn("get_weather", {"city": "北京"}),
+                                    ChatTurn("observation", '{"temp": 3}')])
+    assert request.prompt_ids == expected and request.tool_names == ["get_weather"]
+
+
+# ------------------------------------------------------------------------------------------ streamed text
+
+
+def test_streamed_deltas_never_split_a_character_and_join_to_the_answer(tiny_tokenizer):
+    from glm_tune.serving.answer_text import AnswerText
+
+    tok = tiny_tokenizer("chatglm2")
+    text = "你好龘靐齉𝄞 world 类型#裙"  # rare characters: byte-fallback tokens, 3-4 per character
+    ids = get_prompt_format("chatglm2", tok).encode(text)
+    assert len(ids) > len(text) // 2
+    stream = AnswerText(tok)
+    deltas = [stream.add(i) for i in ids]
+    deltas.append(stream.finish()[0])
+    assert "".join(deltas) == decode_answer(tok, ids) == text
+    assert all("\ufffd" not in d for d in deltas) and sum(1 for d in deltas if d) > 3
+
+
+def test_stop_strings_cut_the_answer_and_are_never_sent(tiny_tokenizer):
+    from glm_tune.serving.answer_text import AnswerText
+
+    tok = tiny_tokenizer("chatglm2")
+    ids = get_prompt_format("chatglm2", tok).encode("这款衬衫白色调清爽干净。类型#裙")
+    stream = AnswerText(tok, stop=["清爽", "xyz"])
+    deltas = []
+    for i in ids:
+        deltas.append(stream.add(i))
+        if stream.stopped:
+            break
+    deltas.append(stream.finish()[0])
+    assert "".join(deltas) == "这款衬衫白色调" and stream.stopped
+
+
+def test_a_tool_call_is_held_back_and_returned_whole(tiny_tokenizer):
+    from glm_tune.serving.answer_text import AnswerText
+
+    tok = tiny_tokenizer("chatglm3")
+    fmt = get_prompt_format("chatglm3", tok)
+    call = tool_call_turn("get_weather", {"city": "北京"})
+    stream = AnswerText(tok, tool_names=["get_weather"])
+    assert [stream.add(i) for i in fmt.encode("get_weather\n") + fmt.encode(call.content)] == [""] * len(
+        fmt.encode("get_weather\n") + fmt.encode(call.content))
+    assert stream.finish() == ("", ("get_weather", {"city": "北京"}))
+    # a call to a tool that was not offered, or a malformed one, is plain text
+    other = AnswerText(tok, tool_names=["get_weather"])
+    ids = fmt.encode("rm_rf\n") + fmt.encode(call.content)
+    for i in ids:
+        other.add(i)
+    assert other.finish() == (decode_answer(tok, ids), None) and other.text.startswith("rm_rf\n")
+    plain = AnswerText(tok, tool_names=["get_weather"])
+    assert "".join(plain.add(i) for i in fmt.encode("\n") + fmt.encode("今天很好")) + plain.finish()[0] == "今天很好"
+
+
+# ------------------------------------------------------------------------------- continuous batching
+
+
+def engine_predictor(export_dir, **extra):
+    import infer_generation
+
+    argv = ["--model_path", str(export_dir), "--backend", "onnxruntime", "--precision", "fp32", "--batch_size", "1"]
+    for key, value in extra.items():
+        argv += [f"--{key}", str(value)]
+    return infer_generation.build_predictor(*infer_generation.parse_arguments(argv))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", GENERATIONS)
+def test_rows_joining_and_leaving_the_batch_answer_as_they_do_alone(model_type, exported, demo_data):
+    """Requests arrive while others decode, one is cancelled mid-way: every greedy answer equals its one-by-one
+    answer through infer_generation's predictor."""
+    from glm_tune.serving.continuous_batching import Request, Scheduler
+
+    predictor = engine_predictor(exported(model_type))
+    examples = varied_prompts(demo_data, 12)
+    prompts = [predictor.format.prompt_ids(e.src, e.history, predictor.src_length) for e in examples]
+    alone = predictor.predict_ids(examples)
+    assert len({tuple(a) for a in alone}) > 3
+
+    scheduler = Scheduler(predictor.run, predictor.feeds, predictor.stops, max_batch=5).start()
+    got, finished = {}, {}
+    events = {i: threading.Event() for i in range(len(prompts))}
+
+    def submit(i):
+        got[i] = []
+        request = Request(prompts[i], predictor.max_new_tokens, on_token=got[i].append,
+                          on_finish=lambda reason, i=i: (finished.__setitem__(i, reason), events[i].set()),
+                          on_error=lambda msg, i=i: (finished.__setitem__(i, msg), events[i].set()))
+        scheduler.submit(request)
+        return request
+
+    try:
+        first = [submit(i) for i in range(3)]
+        deadline = time.time() + 60
+        while len(got[0]) < 4 and not events[0].is_set() and time.time() < deadline:
+            time.sleep(0.001)
+        victim = submit(3)  # joins a batch that is decoding, then leaves it early
+        for i in range(4, len(prompts)):
+            submit(i)
+            time.sleep(0.003)
+        while len(got[3]) < 2 and not events[3].is_set() and time.time() < deadline:
+            time.sleep(0.001)
+        victim.cancel()
+        for i in set(events) - {3}:
+            assert events[i].wait(120), f"request {i} did not finish"
+    finally:
+        scheduler.stop()
+    for i in set(events) - {3}:
+        assert got[i] == alone[i], (i, finished[i])
+        assert finished[i] in ("stop", "length")
+    assert got[3] == alone[3][:len(got[3])] and len(got[3]) < len(alone[3])
+    assert scheduler.stats["largest_batch"] == 5 and not first[0].tokens == []
+    assert scheduler.batch is None  # every row left, the cancelled one included
+
+
+# ------------------------------------------------------------------------------------------- live server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, key=KEY, raw=None, headers=None):
+    """(status, parsed JSON body) of one call."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    """serve_generation.py on the trained tiny ChatGLM3 (ONNX Runtime fp32) in a subprocess, with an API key and
+    the chat page: (base url, export folder)."""
+    folder = exported("chatglm3")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "serve_generation.py", "--model_path", str(folder), "--port", str(port),
+                             "--backend", "onnxruntime", "--precision", "fp32", "--api_key", KEY, "--ui", "True",
+                             "--max_batch", "8", "--max_messages", "16", "--max_body_bytes", "65536"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, open(log.name).read()
+        try:
+            if http("GET", f"{url}/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        pytest.fail("server did not start:\n" + open(log.name).read())
+    yield url, folder
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def client(url, key=KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def chat_prompts(demo_data):
+    return [e.src for e in varied_prompts(demo_data, 8) if not e.history]
+
+
+def stream_answer(openai_client, prompt, **extra):
+    chunks = list(openai_client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": prompt}], stream=True, **extra))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.fixture(scope="module")
+def engine_answers(server, demo_data, tmp_path_factory):
+    """infer_generation.py's answers (the file it writes) for the chat prompts."""
+    import infer_generation
+
+    url, folder = server
+    folder_tmp = tmp_path_factory.mktemp("infer")
+    data_file = folder_tmp / "prompts.json"
+    prompts = chat_prompts(demo_data)
+    data_file.write_text("".join(json.dumps({"content": p}, ensure_ascii=False) + "\n" for p in prompts),
+                         encoding="utf-8")
+    infer_generation.main(["--model_path", str(folder), "--backend", "onnxruntime", "--precision", "fp32",
+                           "--data_file", str(data_file), "--output_file", str(folder_tmp / "out.json")])
+    lines = (folder_tmp / "out.json").read_text(encoding="utf-8").splitlines()
+    return {json.loads(line)["prompt"]: json.loads(line)["output"] for line in lines}
+
+
+@pytest.mark.slow
+def test_openai_client_stream_and_non_stream_equal_infer_generation(server, engine_answers):
+    url, _ = server
+    openai_client = client(url)
+    assert [m.id for m in openai_client.models.list().data] == [Path(server[1]).name]
+    assert len(set(engine_answers.values())) > 2
+    for prompt, expected in engine_answers.items():
+        response = openai_client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt}])
+        assert response.choices[0].message.content == expected
+        assert response.choices[0].finish_reason in ("stop", "length")
+        assert response.usage.prompt_tokens > 0 and response.usage.total_tokens == (
+            response.usage.prompt_tokens + response.usage.completion_tokens)
+        chunks, text = stream_answer(openai_client, prompt, stream_options={"include_usage": True})
+        assert text == expected
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-2].choices[0].finish_reason == response.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_raw_stream_ends_with_done(server):
+    url, _ = server
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(
+        request_body(stream=True, max_tokens=5)).encode(), headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.read().decode().splitlines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_streams_each_equal_their_one_by_one_answer(server, engine_answers):
+    url, _ = server
+    prompts = list(engine_answers) * 4
+    prompts = prompts[:16]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = stream_answer(client(url), prompts[i])[1]
+        except Exception as err:  # collected and reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and len(results) == 16
+    assert all(results[i] == engine_answers[prompts[i]] for i in range(16))
+    status, health = http("GET", f"{url}/health")
+    assert health["largest_batch"] == 8 and health["running"] == 0  # batches filled; every row left
+
+
+KILLED_CLIENT = """
+import sys, urllib.request, json
+request = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=json.dumps({"messages": [
+    {"role": "user", "content": "你好"}], "stream": True, "max_tokens": 20000 // 10}).encode(),
+    headers={"Authorization": "Bearer " + sys.argv[2]})
+response = urllib.request.urlopen(request, timeout=60)
+for _ in range(4):
+    response.readline()
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_a_client_killed_mid_stream_does_not_disturb_the_others(server, engine_answers):
+    url, _ = server
+    victim = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, url, KEY], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "reading"
+        others = {}
+        threads = [threading.Thread(target=lambda p=p: others.__setitem__(p, stream_answer(client(url), p)[1]))
+                   for p in list(engine_answers)[:4]]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        victim.kill()  # SIGKILL: the connection drops without a goodbye
+        victim.wait(30)
+        for t in threads:
+            t.join(180)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert others == {p: engine_answers[p] for p in others} and len(others) == 4
+    deadline = time.time() + 30
+    while time.time() < deadline and http("GET", f"{url}/health")[1]["running"]:
+        time.sleep(0.2)
+    assert http("GET", f"{url}/health")[1]["running"] == 0  # the killed client's row was dropped
+
+
+@pytest.mark.slow
+def test_bad_calls_get_openai_errors_and_the_server_stays_up(server):
+    url, _ = server
+    completions = f"{url}/v1/chat/completions"
+    cases = [
+        (http("POST", completions, raw=b"{not json"), 400, "invalid_json"),
+        (http("POST", completions, raw=b"\xff\xfe"), 400, "invalid_json"),
+        (http("POST", completions, {"messages": [{"role": "user", "content": "x"}] * 17}), 400, None),
+        (http("POST", completions, {"messages": [{"role": "user", "content": "x" * 70000}]}), 413,
+         "request_too_large"),
+        (http("POST", completions, request_body(n=3)), 400, None),
+        (http("POST", completions, {"messages": [{"role": "user", "content": "类型#上衣*颜色#白色" * 400}]}), 400,
+         "context_length_exceeded"),
+        (http("POST", completions, request_body(), key=None), 401, "invalid_api_key"),
+        (http("POST", completions, request_body(), key="wrong"), 401, "invalid_api_key"),
+        (http("GET", f"{url}/v1/models", key=None), 401, "invalid_api_key"),
+        (http("GET", f"{url}/v1/nothing"), 404, "not_found"),
+        (http("PUT", completions, request_body()), 405, "method_not_allowed"),
+    ]
+    for (status, body), expected_status, code in cases:
+        assert status == expected_status, body
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        if code:
+            assert body["error"]["code"] == code
+    assert http("GET", f"{url}/health")[0] == 200
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").chat.completions.create(model="x", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="messages\\[0\\].role"):
+        client(url).chat.completions.create(model="x", messages=[{"role": "wizard", "content": "x"}])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_chat_page_streams_an_answer_in_headless_chromium(server, engine_answers, tmp_path):
+    from tools.chat_screenshot import chat_screenshot
+
+    url, _ = server
+    prompt = next(iter(engine_answers))
+    send = CHAT_PAGE_SEND % (json.dumps(KEY), json.dumps(prompt))
+    png, text = chat_screenshot(CHROMIUM, url + "/", send, CHAT_PAGE_ANSWER, tmp_path / "chat.png",
+                                tmp_path / "profile")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert prompt in text and engine_answers[prompt] in text
+
+
+CHAT_PAGE_SEND = """(() => {
+  const box = document.getElementById('prompt'), key = document.getElementById('key');
+  if (!box || !key) return false;
+  key.value = %s; box.value = %s;
+  document.getElementById('send').click();
+  return true;
+})()"""
+CHAT_PAGE_ANSWER = "Array.from(document.querySelectorAll('.bot[data-done]')).map(e => e.innerText).join('\\n')"
