@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {"finetune_generation", "predict_generation", "export_generation_model", "infer_generation"}
+COMMANDS = {"finetune_generation", "predict_generation", "export_generation_model", "infer_generation",
+            "serve_generation"}
 SHARED = {"data", "utils", "argument"}
 FRAMEWORKS = {"paddle", "paddlenlp", "torch", "mindspore", "mindformers", "transformers", "peft"}
 
@@ -37,7 +38,7 @@ def imports(path: Path, top_level_only=False) -> set:
 def test_the_root_holds_the_commands_and_the_shared_modules_only():
     assert {p.stem for p in ROOT.glob("*.py")} == COMMANDS | SHARED
     assert {p.name for p in (ROOT / "glm_tune").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "training", "conversion", "deployment"}
+        "training", "conversion", "deployment", "serving"}
 
 
 def test_the_import_graph_is_acyclic_and_never_reaches_a_command():

@@ -178,8 +178,11 @@ class Run:
         include = self.request.include_usage
         no_usage = None if include else False
         try:
-            yield _data(self.completion.chunk({"role": "assistant", "content": ""}, usage=no_usage))
+            opened = False
             async for kind, value in self.events_until_done():
+                if not opened:  # the role chunk goes out with the first token: its arrival is time to first token
+                    opened = True
+                    yield _data(self.completion.chunk({"role": "assistant", "content": ""}, usage=no_usage))
                 if kind == "delta":
                     if value:
                         yield _data(self.completion.chunk({"content": value}, usage=no_usage))

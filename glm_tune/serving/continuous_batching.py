@@ -112,7 +112,7 @@ class Scheduler:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.waiting: "queue.Queue[Request]" = queue.Queue()
         self.batch: Optional[RunningBatch] = None
-        self.stats = {"requests": 0, "tokens": 0, "engine_calls": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "tokens": 0, "engine_calls": 0, "engine_seconds": 0.0, "largest_batch": 0}
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="glm-tune-scheduler", daemon=True)
 
@@ -191,8 +191,11 @@ class Scheduler:
         self._deliver(batch)
 
     def _run(self, feeds):
+        started = time.perf_counter()
+        outputs = self.engine(feeds)
         self.stats["engine_calls"] += 1
-        return self.engine(feeds)
+        self.stats["engine_seconds"] += time.perf_counter() - started
+        return outputs
 
     def _choose(self, logits: np.ndarray, requests: List[Request]) -> np.ndarray:
         chosen = logits.argmax(-1)
