@@ -13,11 +13,12 @@ from glm_tune import console  # first import: it turns the libraries' start-up n
 import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from argument import EngineArgument, GenerateArgument, parse_dataclasses, require_flag
+from argument import ArgumentError, EngineArgument, GenerateArgument, parse_dataclasses, require_flag
 from data import get_prompt_format
 from glm_tune.deployment.exported_model import open_export
 from glm_tune.errors import run_cli
@@ -81,6 +82,17 @@ def build_app(engine_args, gen_args, serve_args):
     return create_app(served, serve_args.api_key, serve_args.max_body_bytes, serve_args.ui), scheduler
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address this process cannot listen on before the model loads (uvicorn would only log it)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise ArgumentError(f"cannot listen on --host {host} --port {port} ({err.strerror or err}): choose another "
+                            "--port, or stop what is using it") from None
+
+
 def warn_if_open(serve_args) -> None:
     try:
         loopback = ipaddress.ip_address(serve_args.host).is_loopback
@@ -100,6 +112,7 @@ def main(argv=None):
     engine_args, gen_args, serve_args = parse_arguments(argv)
     import uvicorn
 
+    check_address(serve_args.host, serve_args.port)
     app, scheduler = build_app(engine_args, gen_args, serve_args)
     warn_if_open(serve_args)
     logger.info("serving %s on http://%s:%d/v1 (max batch %d)%s", serve_args.served_model_name or

@@ -21,6 +21,7 @@ import export_generation_model
 import finetune_generation
 import infer_generation
 import predict_generation
+import serve_generation
 from glm_tune.errors import run_cli
 from glm_tune.safe_output import OWNER_MARKER
 from glm_tune.training.run_checkpoints import COMPLETE_MARKER
@@ -471,6 +472,39 @@ def test_infer_refuses(case, exports, tmp_path):
     assert_refused(infer_generation.main, argv, INFER_CASES[case][1], tmp_path)
 
 
+def busy_port(t):
+    """A port something already listens on (kept open for the test session)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    BUSY.append(listener)
+    return listener.getsockname()[1]
+
+
+BUSY = []
+SERVE_CASES = {
+    "port 0": (lambda t: ["--port", 0], r"--port 0 must be in 1\.\.65535"),
+    "port in use": (lambda t: ["--port", busy_port(t)], r"cannot listen on --host 127\.0\.0\.1 --port \d+ .*choose "
+                                                        r"another --port"),
+    "host unknown": (lambda t: ["--host", "10.255.255.254", "--port", 8001], r"cannot listen on --host 10\.255"),
+    "max_batch 0": (lambda t: ["--max_batch", 0], r"--max_batch 0 must be at least 1"),
+    "max_body_bytes 0": (lambda t: ["--max_body_bytes", 0], r"--max_body_bytes 0 must be at least 1"),
+    "max_tokens_limit 0": (lambda t: ["--max_tokens_limit", 0], r"--max_tokens_limit 0 must be at least 1"),
+    "model path missing": (lambda t: ["--model_path", t / "nope"], r"--model_path .*nope is not a folder"),
+    "precision the export lacks": (lambda t: ["--precision", "int4"], r"this export holds no onnx-int4 graph"),
+    "top_p 0": (lambda t: ["--top_p", 0], r"--top_p 0\.0 must be in \(0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVE_CASES))
+def test_serve_refuses(case, exports, tmp_path):
+    folder = export_copy(exports, tmp_path)
+    argv = ["--model_path", folder] + SERVE_CASES[case][0](tmp_path)
+    assert_refused(serve_generation.main, argv, SERVE_CASES[case][1], tmp_path)
+
+
 def test_interactive_infer_answers_a_non_utf8_line_with_an_error_and_goes_on(exports, tmp_path):
     args = infer_generation.parse_arguments(["--model_path", str(exports / "chatglm2"), "--tgt_length", "2"])
     predictor = infer_generation.build_predictor(*args)
@@ -627,6 +661,7 @@ SCRIPT_CASES = [
     ("export_generation_model.py", lambda t, m: ["--model_name_or_path", m, "--output_path", m / "x"],
      r"is also --model_name_or_path"),
     ("infer_generation.py", lambda t, m: ["--model_path", t / "nope"], r"is not a folder"),
+    ("serve_generation.py", lambda t, m: ["--model_path", t / "nope"], r"is not a folder"),
     ("tools/convert_checkpoint.py", lambda t, m: ["--input_dir", m, "--output_dir", t / "o"], r"--to hf"),
     ("tools/merge_tp_shards.py", lambda t, m: [m, t / "o"], r"nothing to merge"),
     ("tools/make_tiny_model.py", lambda t, m: ["--model_type", "chatglm2", "--output_dir", t], r"already exists"),
