@@ -25,3 +25,13 @@ def test_train_throughput_runs(tmp_path):
                           "--vocab_size", "0", "--steps", "2", "--warmup", "1", "--work_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, check=True).stdout
     assert "LoRA/full: throughput x" in out
+
+
+@pytest.mark.slow
+def test_serve_load_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_load.py"), "--size", "tiny", "--clients", "1,3",
+                          "--requests", "2", "--max_tokens", "4", "--work_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("1", "2/2"), ("3", "6/6")]
+    assert all(float(x) > 0 for r in rows for x in r[2:])
