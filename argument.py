@@ -63,6 +63,9 @@ class DataArgument(LengthArgument):
         metadata={"help": "Folder holding train.json and dev.json (AdvertiseGen, instruction or BelleGroup records, "
                           "JSON lines or a JSON list)."},
     )
+    data_format: Optional[str] = field(default=None, metadata={
+        "help": "conversations (ChatGLM3 roles, tools, per-message loss), content (AdvertiseGen) or instruction; "
+                "default: told apart per record by its fields."})
     skip_bad_records: bool = field(default=False, metadata={"help": "Skip malformed records (and report how many) "
                                                                     "instead of stopping at the first one."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N dev records "

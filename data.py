@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +42,65 @@ class Example:
     src: str
     tgt: str = ""
     history: List[Tuple[str, str]] = field(default_factory=list)
+    conversation: Optional[list] = None  # ChatTurns of a `conversations` record (roles, tools, per-message loss)
+
+
+# ---------------------------------------------------------------------------------- ChatGLM3 tool calls
+
+
+@dataclass
+class ChatTurn:
+    """One message: role system | user | assistant | observation; an assistant tool call carries the tool's name
+    as `metadata` (ChatGLM3)."""
+    role: str
+    content: str
+    metadata: str = ""
+    loss: Optional[bool] = None  # learned? None: assistant turns are, the others are not
+
+    @property
+    def learned(self) -> bool:
+        return self.role == "assistant" if self.loss is None else self.loss
+
+
+TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
+
+
+def tools_system_text(tools: list) -> str:
+    """The system message THUDM's ChatGLM3 tokenizer builds for a list of tools."""
+    return TOOLS_PREAMBLE + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
+
+
+def tool_call_turn(name: str, arguments: dict) -> ChatTurn:
+    """An assistant turn that calls `name`: metadata = the name, content = a fenced `tool_call(k=v, ...)` with
+    Python literals (how THUDM's tool-use fine-tuning data renders calls)."""
+    bad = [k for k in arguments if not (isinstance(k, str) and k.isidentifier())]
+    if bad:
+        raise DataFormatError(f"tool {name!r}: argument names {bad} are not identifiers; tool_call(...) cannot "
+                              "carry them")
+    call = ast.Call(func=ast.Name(id="tool_call"), args=[],
+                    keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()])
+    return ChatTurn("assistant", "```python\n" + ast.unparse(call) + "\n```", metadata=name)
+
+
+def parse_tool_call(text: str):
+    """(name, arguments) of a generated ChatGLM3 tool call (a metadata line with the tool's name, then a fenced
+    `tool_call(k=v, ...)`), or None when `text` is a plain answer or not a well-formed call. The call is read
+    with `ast` and its arguments with `ast.literal_eval`: nothing the model wrote is ever evaluated."""
+    name, newline, body = text.partition("\n")
+    name, body = name.strip(), body.strip()
+    if not name or not newline or any(c.isspace() for c in name):
+        return None
+    if body.startswith("```"):  # ```python ... ```
+        body = body.partition("\n")[2].rstrip().removesuffix("```")
+    try:
+        call = ast.parse(body, mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
+                and not call.args and all(k.arg for k in call.keywords)):
+            return None
+        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+    return name, arguments
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -154,7 +213,84 @@ def record_to_example(record, where: str, require_target: bool = True) -> Exampl
     return Example(src, tgt if isinstance(tgt, str) else "", history)
 
 
-def read_examples(path, skip_bad_records: bool = False, require_target: bool = True) -> List[Example]:
+CONVERSATION_ROLES = ("system", "user", "assistant", "observation", "tool")
+DATA_FORMATS = ("conversations", "content", "instruction")
+
+
+def record_to_conversation(record, where: str) -> Example:
+    """A `conversations` record ({"tools": [...], "conversations": [messages]}, THUDM's ChatGLM3 format) as an
+    Example whose `conversation` holds the turns; src/tgt/history hold its last question and answer."""
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    messages, tools = record.get("conversations"), record.get("tools")
+    if not isinstance(messages, list) or not messages:
+        raise DataFormatError(f"{where}: 'conversations' must be a non-empty list of messages")
+    if tools is not None and not isinstance(tools, list):
+        raise DataFormatError(f"{where}: 'tools' must be a list of tool descriptions, got {type(tools).__name__}")
+    turns = [ChatTurn("system", tools_system_text(tools))] if tools else []
+    seen_user = False
+    for number, message in enumerate(messages):
+        at = f"{where}: conversations[{number}]"
+        if not isinstance(message, dict):
+            raise DataFormatError(f"{at} must be an object with 'role' and 'content'")
+        role, loss = message.get("role"), message.get("loss")
+        if role not in CONVERSATION_ROLES:
+            raise DataFormatError(f"{at}: unknown role {role!r}; roles are {', '.join(CONVERSATION_ROLES)}")
+        if loss is not None and not isinstance(loss, bool):
+            raise DataFormatError(f"{at}: 'loss' must be true or false, got {loss!r}")
+        if role == "tool":
+            name, arguments = message.get("name"), message.get("parameters")
+            if not isinstance(name, str) or not name:
+                raise DataFormatError(f"{at}: a 'tool' message needs 'name' (the tool called)")
+            if not isinstance(arguments, dict):
+                raise DataFormatError(f"{at}: a 'tool' message needs 'parameters' (an object of the call's arguments)")
+            call = tool_call_turn(name, arguments)
+            call.loss = loss
+            turns.append(call)
+            if "observation" in message:
+                seen = message["observation"]
+                turns.append(ChatTurn("observation", seen if isinstance(seen, str) else
+                                      json.dumps(seen, ensure_ascii=False)))
+            continue
+        content, metadata = message.get("content"), message.get("metadata", "")
+        if not isinstance(content, str):
+            raise DataFormatError(f"{at}: 'content' must be a string, got {type(content).__name__}")
+        if not isinstance(metadata, str):
+            raise DataFormatError(f"{at}: 'metadata' must be a string, got {type(metadata).__name__}")
+        if role == "system" and seen_user:
+            raise DataFormatError(f"{at}: a system message after a user message; system messages come first")
+        seen_user |= role == "user"
+        turns.append(ChatTurn(role, content, metadata, loss))
+    if not any(t.learned for t in turns):
+        raise DataFormatError(f"{where}: nothing to learn (no assistant message, and no message with loss: true)")
+    last = max(i for i, t in enumerate(turns) if t.role == "assistant") if any(
+        t.role == "assistant" for t in turns) else None
+    answer = turns[last] if last is not None else ChatTurn("assistant", "")
+    question = next((t.content for t in reversed(turns[:last]) if t.role == "user"), "") if last else ""
+    return Example(question, answer_text(answer), conversation=turns)
+
+
+def answer_text(turn: ChatTurn) -> str:
+    """An assistant turn as the model writes it after its role token: the metadata line (a tool's name), then the
+    content; what generation decodes to and evaluation compares against."""
+    return f"{turn.metadata}\n{turn.content}" if turn.metadata else turn.content
+
+
+def read_record(record, where: str, require_target: bool = True, data_format: str = None) -> Example:
+    """One record of the format asked for, or of the format its fields show."""
+    if data_format not in (None,) + DATA_FORMATS:
+        raise DataFormatError(f"--data_format {data_format!r}: choose one of {', '.join(DATA_FORMATS)}")
+    if data_format == "conversations" or (data_format is None and isinstance(record, dict)
+                                          and "conversations" in record):
+        return record_to_conversation(record, where)
+    if data_format and isinstance(record, dict) and data_format not in record:
+        raise DataFormatError(f"{where}: --data_format {data_format} records need a {data_format!r} field; "
+                              f"fields found: {sorted(record)}")
+    return record_to_example(record, where, require_target)
+
+
+def read_examples(path, skip_bad_records: bool = False, require_target: bool = True,
+                  data_format: str = None) -> List[Example]:
     """All examples in `path` (any supported format). Bad records raise, or are skipped and counted."""
     path = Path(path)
     examples, bad = [], []
@@ -162,7 +298,7 @@ def read_examples(path, skip_bad_records: bool = False, require_target: bool = T
         try:
             if isinstance(record, DataFormatError):
                 raise record
-            examples.append(record_to_example(record, f"{path}:{lineno}", require_target))
+            examples.append(read_record(record, f"{path}:{lineno}", require_target, data_format))
         except DataFormatError as err:
             if not skip_bad_records:
                 raise DataFormatError(f"{err} (pass --skip_bad_records True to skip such records)") from None
@@ -202,6 +338,7 @@ class PromptFormat:
         self.tokenizer = tokenizer
         self.cut_prompts = 0  # prompts shortened to src_length so far (reported by the callers)
         self.cut_answers = 0  # answers shortened to tgt_length so far
+        self.cut_conversations = 0  # conversations cut to src_length + tgt_length so far (ChatGLM3)
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -253,20 +390,43 @@ class PromptFormat:
         """The prompt of a conversation (`ChatTurn`s) that ends with the user's question, untruncated. These
         generations know only (question, answer) rounds: earlier user/assistant pairs become the history THUDM's
         chat() builds, and system text, which has no role here, opens the first question."""
+        return self._assemble(*self.history_form(turns))
+
+    @staticmethod
+    def history_form(turns) -> tuple:
+        """(question, [(question, answer), ...]) of a system/user/assistant conversation ending with a question."""
         system = [t.content for t in turns if t.role == "system"]
         rounds = [t for t in turns if t.role != "system"]
         for number, turn in enumerate(rounds):
             expected = "user" if number % 2 == 0 else "assistant"
             if turn.role != expected:
                 raise DataFormatError(f"this model takes user and assistant messages in turn, starting and ending "
-                                      f"with the user's (found {turn.role!r} where {expected!r} belongs)")
+                                      f"with the user's (found {turn.role!r} where {expected!r} belongs; tool "
+                                      "calls and observations need ChatGLM3)")
         if not rounds or rounds[-1].role != "user":
             raise DataFormatError("the conversation must end with a user message")
         questions = [t.content for t in rounds[::2]]
         if system:
             questions[0] = "\n".join(system + [questions[0]])
-        history = list(zip(questions[:-1], [t.content for t in rounds[1::2]]))
-        return self._assemble(questions[-1], history)
+        return questions[-1], list(zip(questions[:-1], [t.content for t in rounds[1::2]]))
+
+    def conversation_example(self, turns) -> Example:
+        """A conversation up to its last assistant answer as this generation's (question, answer, history): only
+        that answer is learned, as THUDM's multi-turn fine-tuning of these models does."""
+        last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
+        if last is None:
+            raise DataFormatError("a conversation for this model needs an assistant answer to learn")
+        question, history = self.history_form(turns[:last])
+        return Example(question, turns[last].content, history)
+
+    def conversation_features(self, turns, src_length: int, tgt_length: int, is_test: bool = False) -> dict:
+        return tokenize_example(self, self.conversation_example(turns), src_length, tgt_length, is_test)
+
+    def eval_items(self, example: Example, src_length: int) -> List[Tuple[List[int], str]]:
+        """(prompt ids, reference answer) pairs generation-based evaluation scores for one dev record."""
+        if example.conversation is not None:
+            example = self.conversation_example(example.conversation)
+        return [(self.prompt_ids(example.src, example.history, src_length), example.tgt)]
 
     def target_ids(self, answer: str, tgt_length: int = None) -> List[int]:
         eos = [self.tokenizer.eos_token_id]
@@ -335,71 +495,71 @@ class ChatGLM3Format(ChatGLM2Format):
     def suffix_ids(self):
         return [self.tokenizer.get_command("<|assistant|>")]
 
+    def conversation_features(self, turns, src_length: int, tgt_length: int, is_test: bool = False):
+        """THUDM's ChatGLM3 layout: [gMASK] sop, each message built by `message`, eos. A learned message's tokens
+        are masked true (its role token too, as THUDM's preprocessing does); label j is token j+1 where mask j is
+        true: so the metadata line, the content and the token after the turn (next role token or eos) are
+        learned, the role token opening the turn is not. Longer than src_length + tgt_length: cut from the end;
+        None when nothing learnable is left (the caller skips and counts it)."""
+        if is_test:
+            last = max(i for i, t in enumerate(turns) if t.role == "assistant")
+            return {"input_ids": self.turns_prompt_ids(turns[:last], src_length),
+                    "labels": self.message("assistant", turns[last].content, turns[last].metadata)[1:]
+                    + [self.tokenizer.eos_token_id]}
+        ids, mask = self.prefix_ids(), [False] * len(self.prefix_ids())
+        for turn in turns:
+            piece = self.message(turn.role, turn.content, turn.metadata)
+            ids += piece
+            mask += [turn.learned] * len(piece)
+        ids.append(self.tokenizer.eos_token_id)
+        mask.append(False)
+        budget = src_length + tgt_length
+        if len(ids) > budget:
+            self.cut_conversations += 1
+            ids, mask = ids[:budget], mask[:budget]
+        labels = [ids[j + 1] if mask[j] else IGNORE_INDEX for j in range(len(ids) - 1)]
+        if all(label == IGNORE_INDEX for label in labels):
+            return None
+        return {"input_ids": ids[:-1], "labels": labels}
+
+    def turns_prompt_ids(self, turns, src_length: int = None) -> List[int]:
+        """The prompt for the answer after `turns`; too long: the oldest non-system turns go first, then the end."""
+        turns = list(turns)
+        ids = self.prefix_ids() + [i for t in turns for i in self.message(t.role, t.content, t.metadata)]
+        ids += self.suffix_ids()
+        while src_length is not None and len(ids) > src_length:
+            self.cut_prompts += 1
+            dropped = next((i for i, t in enumerate(turns[:-1]) if t.role != "system"), None)
+            if dropped is None:
+                return ids[:src_length - 1] + self.suffix_ids()
+            del turns[dropped]
+            ids = self.turns_prompt_ids(turns)
+        return ids
+
+    def eval_items(self, example, src_length: int):
+        """Every assistant turn of a conversation is scored, its prompt being the turns before it: a tool call's
+        reference is the call (scored as name and arguments), a plain answer's the text."""
+        if example.conversation is None:
+            return super().eval_items(example, src_length)
+        turns = example.conversation
+        return [(self.turns_prompt_ids(turns[:k], src_length), answer_text(turn))
+                for k, turn in enumerate(turns) if turn.role == "assistant"]
+
     def answer_ids(self, answer):
         return self.encode("\n") + self.encode(answer)
 
 
 def cut_summary(fmt: PromptFormat, total: int, src_length: int, tgt_length: int = None) -> str:
     """A log line for what `fmt` cut since the last summary ("" when nothing), then its counts start again."""
-    prompts, answers = fmt.cut_prompts, fmt.cut_answers
-    fmt.cut_prompts = fmt.cut_answers = 0
-    if not prompts and not (answers and tgt_length):
+    prompts, answers, conversations = fmt.cut_prompts, fmt.cut_answers, fmt.cut_conversations
+    fmt.cut_prompts = fmt.cut_answers = fmt.cut_conversations = 0
+    if not prompts and not (answers and tgt_length) and not conversations:
         return ""
     line = f"cut {prompts} of {total} prompts to --src_length {src_length} (template kept, the question's end dropped)"
-    return line + (f" and {answers} answers to --tgt_length {tgt_length}" if tgt_length else "")
-
-
-# ---------------------------------------------------------------------------------- ChatGLM3 tool calls
-
-
-@dataclass
-class ChatTurn:
-    """One message: role system | user | assistant | observation; an assistant tool call carries the tool's name
-    as `metadata` (ChatGLM3)."""
-    role: str
-    content: str
-    metadata: str = ""
-
-
-TOOLS_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
-
-
-def tools_system_text(tools: list) -> str:
-    """The system message THUDM's ChatGLM3 tokenizer builds for a list of tools."""
-    return TOOLS_PREAMBLE + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
-
-
-def tool_call_turn(name: str, arguments: dict) -> ChatTurn:
-    """An assistant turn that calls `name`: metadata = the name, content = a fenced `tool_call(k=v, ...)` with
-    Python literals (how THUDM's tool-use fine-tuning data renders calls)."""
-    bad = [k for k in arguments if not (isinstance(k, str) and k.isidentifier())]
-    if bad:
-        raise DataFormatError(f"tool {name!r}: argument names {bad} are not identifiers; tool_call(...) cannot "
-                              "carry them")
-    call = ast.Call(func=ast.Name(id="tool_call"), args=[],
-                    keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()])
-    return ChatTurn("assistant", "```python\n" + ast.unparse(call) + "\n```", metadata=name)
-
-
-def parse_tool_call(text: str):
-    """(name, arguments) of a generated ChatGLM3 tool call (a metadata line with the tool's name, then a fenced
-    `tool_call(k=v, ...)`), or None when `text` is a plain answer or not a well-formed call. The call is read
-    with `ast` and its arguments with `ast.literal_eval`: nothing the model wrote is ever evaluated."""
-    name, newline, body = text.partition("\n")
-    name, body = name.strip(), body.strip()
-    if not name or not newline or any(c.isspace() for c in name):
-        return None
-    if body.startswith("```"):  # ```python ... ```
-        body = body.partition("\n")[2].rstrip().removesuffix("```")
-    try:
-        call = ast.parse(body, mode="eval").body
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"
-                and not call.args and all(k.arg for k in call.keywords)):
-            return None
-        arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return None
-    return name, arguments
+    line += f" and {answers} answers to --tgt_length {tgt_length}" if tgt_length else ""
+    if conversations:
+        line += f"; cut {conversations} conversations at their end to --src_length + --tgt_length"
+    return line
 
 
 PROMPT_FORMATS = {"chatglm": ChatGLMFormat, "chatglm2": ChatGLM2Format, "chatglm3": ChatGLM3Format}
@@ -412,7 +572,10 @@ def get_prompt_format(generation: str, tokenizer) -> PromptFormat:
 def tokenize_example(fmt: PromptFormat, example: Example, src_length: int, tgt_length: int,
                      is_test: bool = False) -> dict:
     """Training features (`input_ids`, shifted `labels`) or, with is_test, the prompt alone plus the
-    reference answer ids for scoring."""
+    reference answer ids for scoring. A conversation goes through its generation's layout (None: nothing left to
+    learn after cutting)."""
+    if example.conversation is not None:
+        return fmt.conversation_features(example.conversation, src_length, tgt_length, is_test)
     prompt = fmt.prompt_ids(example.src, example.history, src_length)
     if is_test:
         return {"input_ids": prompt, "labels": fmt.target_ids(example.tgt, tgt_length)}

@@ -16,7 +16,8 @@ from paddlenlp.datasets import MapDataset
 from paddlenlp.trainer import set_seed
 
 from argument import DataArgument, GenerateArgument, GLMTrainingArguments, TrainModelArgument, parse_dataclasses
-from data import DataCollator, cut_summary, get_prompt_format, read_examples, task_file, tokenize_example
+from data import (DataCollator, DataFormatError, cut_summary, get_prompt_format, read_examples, task_file,
+                  tokenize_example)
 from glm_tune.errors import run_cli
 from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
                                            accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl,
@@ -49,8 +50,8 @@ def validate(model_args, data_args, training_args) -> tuple:
     resolve_model_folder(model_args, generation)
     # read (and so checked) here, before any weight is loaded; the datasets are built from these records
     splits = ["train"] * training_args.do_train + ["dev"] * training_args.do_eval
-    records = {split: read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records)
-               for split in splits}
+    records = {split: read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records,
+                                    data_format=data_args.data_format) for split in splits}
     config = load_config(model_args.model_name_or_path, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
     degree = training_args.requested_tensor_parallel_degree
@@ -106,7 +107,14 @@ def build_datasets(data_args, training_args, tokenizer, generation, records, gen
         cuts = cut_summary(fmt, len(examples), data_args.src_length, data_args.tgt_length)
         if cuts:
             logger.info("%s.json: %s", split, cuts)
-        return examples, feats
+        kept = [(e, f) for e, f in zip(examples, feats) if f is not None]
+        if len(kept) < len(examples):  # conversations cut so short that nothing learnable was left
+            logger.info("%s.json: skipped %d of %d conversations with no learnable token left after cutting to "
+                        "--src_length + --tgt_length", split, len(examples) - len(kept), len(examples))
+        if not kept:
+            raise DataFormatError(f"{split}.json: no record keeps a learnable token within --src_length "
+                                  f"{data_args.src_length} + --tgt_length {data_args.tgt_length}; raise them")
+        return [e for e, _ in kept], [f for _, f in kept]
 
     train = MapDataset(features("train")[1]) if training_args.do_train else None
     dev, evaluator = None, None
@@ -114,8 +122,8 @@ def build_datasets(data_args, training_args, tokenizer, generation, records, gen
         dev_examples, dev_feats = features("dev")
         dev = MapDataset(dev_feats)
         if training_args.do_generation:
-            prompts = [fmt.prompt_ids(e.src, e.history, data_args.src_length) for e in dev_examples]
-            evaluator = GenerationEvaluator(tokenizer, generation, prompts, [e.tgt for e in dev_examples],
+            items = [item for e in dev_examples for item in fmt.eval_items(e, data_args.src_length)]
+            evaluator = GenerationEvaluator(tokenizer, generation, [p for p, _ in items], [r for _, r in items],
                                             data_args.tgt_length, training_args.per_device_eval_batch_size,
                                             vars(gen_args) if gen_args else None)
     return train, dev, evaluator

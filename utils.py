@@ -1,4 +1,5 @@
 """Shared helpers: ADGEN metrics as THUDM defines them and token accuracy (framework-free)."""
+import json
 import logging
 from typing import Dict, List
 
@@ -41,6 +42,29 @@ def compute_metrics(preds: List[str], labels: List[str]) -> Dict[str, float]:
             bleu = 0.0
         scores["bleu-4"].append(round(bleu * 100, 4))
     return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def score_answers(preds: List[str], references: List[str]) -> Dict[str, float]:
+    """What generation-based evaluation reports: for references that are ChatGLM3 tool calls, `tool-name-acc` (the
+    generated call names the same tool) and `tool-args-em` (same tool and JSON-equal arguments), in percent;
+    ROUGE-1/2/L and BLEU-4 (`compute_metrics`) on the plain answers."""
+    from data import parse_tool_call
+
+    calls = [parse_tool_call(ref) for ref in references]
+    plain = [(p, r) for p, r, call in zip(preds, references, calls) if call is None]
+    scores = compute_metrics(*map(list, zip(*plain))) if plain else {}
+    expected = [(parse_tool_call(p), call) for p, call in zip(preds, calls) if call is not None]
+    if expected:
+        names = [got is not None and got[0] == want[0] for got, want in expected]
+        same = [ok and _as_json(got[1]) == _as_json(want[1]) for ok, (got, want) in zip(names, expected)]
+        scores.update({"tool-name-acc": 100.0 * float(np.mean(names)), "tool-args-em": 100.0 * float(np.mean(same)),
+                       "tool-calls": float(len(expected))})
+    return scores
+
+
+def _as_json(arguments: dict):
+    """Arguments as JSON would carry them (tuples become lists), for comparison."""
+    return json.loads(json.dumps(arguments, sort_keys=True, default=str))
 
 
 def token_accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

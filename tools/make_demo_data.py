@@ -1,7 +1,9 @@
-"""Write a demo AdvertiseGen set whose summary is a learnable function of the keywords.
+"""Write a demo AdvertiseGen set whose summary is a learnable function of the keywords (or, with --kind tools, a
+ChatGLM3 tool-use set: see tools/tool_use_data.py).
 
     python tools/make_demo_data.py --output_dir build/data/AdvertiseGen
     python tools/make_demo_data.py --output_dir DIR --num_train 5000 --num_dev 200 --seed 1
+    python tools/make_demo_data.py --output_dir build/data/tools --kind tools
 
 Each record looks like the real AdvertiseGen (`content` = "类型#上衣*材质#牛仔布*…", `summary` = ad copy), but
 every summary is assembled from one fixed phrase per keyword value, in a fixed attribute order. A model that
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glm_tune.errors import run_cli  # noqa: E402
 from glm_tune.safe_output import atomic_write_text, check_output_dir, write_owner  # noqa: E402
+from tools.tool_use_data import prompt_of, tool_record  # noqa: E402
 
 COMMAND = "make_demo_data"
 
@@ -87,13 +90,23 @@ def make_record(rng: random.Random) -> dict:
     return {"content": content, "summary": summary}
 
 
-def make_split(num: int, rng: random.Random, taken: set) -> list:
-    """`num` records whose `content` is not in `taken` (so dev never repeats a train prompt)."""
+KINDS = {"adgen": (make_record, lambda record: record["content"]), "tools": (tool_record, prompt_of)}
+
+
+def make_split(num: int, rng: random.Random, taken: set, kind: str = "adgen", dev: bool = False,
+               unique: bool = True) -> list:
+    """`num` records whose prompt is not in `taken` (so dev never repeats a train prompt); with `unique`, each
+    prompt once. Records without such a prompt (small talk) go to train only."""
+    make, prompt = KINDS[kind]
     records = []
     while len(records) < num:
-        record = make_record(rng)
-        if record["content"] not in taken:
-            taken.add(record["content"])
+        record = make(rng)
+        key = prompt(record)
+        if key is None and not dev:
+            records.append(record)
+        elif key is not None and key not in taken:
+            if unique:
+                taken.add(key)
             records.append(record)
     return records
 
@@ -103,15 +116,21 @@ def write_jsonl(records: list, path: Path) -> None:
 
 
 def make_demo_data(output_dir, num_train: int = 2000, num_dev: int = 100, seed: int = 42,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, kind: str = "adgen") -> Path:
     """Write `train.json` and `dev.json` (JSON lines) into `output_dir`; deterministic given `seed`. A folder
     this command did not make is refused unless `overwrite` (and then only those two files are replaced)."""
     output_dir = check_output_dir(output_dir, COMMAND, overwrite=overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     taken = set()
-    write_jsonl(make_split(num_train, rng, taken), output_dir / "train.json")
-    write_jsonl(make_split(num_dev, rng, taken), output_dir / "dev.json")
+    if kind == "tools":  # few distinct prompts per template: dev takes its prompts first, train repeats the rest
+        dev = make_split(num_dev, rng, taken, kind, dev=True)
+        train = make_split(num_train, rng, taken, kind, unique=False)
+    else:
+        train = make_split(num_train, rng, taken, kind)
+        dev = make_split(num_dev, rng, taken, kind, dev=True)
+    write_jsonl(train, output_dir / "train.json")
+    write_jsonl(dev, output_dir / "dev.json")
     write_owner(output_dir, COMMAND)
     return output_dir
 
@@ -122,12 +141,14 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train", type=int, default=2000, help="number of training records")
     parser.add_argument("--num_dev", type=int, default=100, help="number of dev records (prompts unseen in train)")
     parser.add_argument("--seed", type=int, default=42, help="random seed; same seed, same files")
+    parser.add_argument("--kind", default="adgen", choices=sorted(KINDS),
+                        help="adgen: AdvertiseGen-shaped ad copy; tools: ChatGLM3 tool-use conversations")
     parser.add_argument("--overwrite", action="store_true",
                         help="write train.json and dev.json into an existing folder this command did not make")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_dev < 1:
         parser.error("--num_train and --num_dev must be at least 1")
-    out = make_demo_data(args.output_dir, args.num_train, args.num_dev, args.seed, args.overwrite)
+    out = make_demo_data(args.output_dir, args.num_train, args.num_dev, args.seed, args.overwrite, args.kind)
     print(f"wrote {args.num_train} train and {args.num_dev} dev records to {out}", file=sys.stderr)
 
 

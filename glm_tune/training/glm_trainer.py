@@ -12,7 +12,7 @@ from paddlenlp.trainer.integrations import VisualDLCallback
 from glm_tune.generation import decode_answer, generate_ids
 from glm_tune.training.run_checkpoints import mark_complete
 from glm_tune.safe_output import atomic_write_json
-from utils import compute_metrics, token_accuracy
+from utils import score_answers, token_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def accuracy_metrics(eval_prediction) -> dict:
 
 
 class GenerationEvaluator:
-    """Generates answers for dev prompts and scores them with THUDM's ADGEN metrics."""
+    """Generates answers for dev prompts and scores them: THUDM's ADGEN metrics, tool-call accuracy for tool calls."""
 
     def __init__(self, tokenizer, generation: str, prompts: List[List[int]], references: List[str],
                  max_new_tokens: int, batch_size: int, gen_kwargs: dict = None):
@@ -44,7 +44,7 @@ class GenerationEvaluator:
         ids = generate_ids(model, self.tokenizer, self.generation, self.prompts, self.max_new_tokens,
                            self.batch_size, **self.gen_kwargs)
         self.last_predictions = [decode_answer(self.tokenizer, row) for row in ids]
-        return compute_metrics(self.last_predictions, self.references)
+        return score_answers(self.last_predictions, self.references)
 
 
 class GLMTrainer(Trainer):

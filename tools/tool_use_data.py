@@ -1,0 +1,86 @@
+"""Synthetic ChatGLM3 tool-use conversations (weather, calculator, unit conversion; Chinese and English prompts)
+whose right call and arguments follow from the prompt, for `tools/make_demo_data.py --kind tools`.
+
+Each record is THUDM's `conversations` format: the three tools, the user's question, the `tool` call with its
+observation, and the final answer that uses the observation; about one record in eight is small talk answered
+without a tool, so a model also learns when not to call one.
+"""
+import random
+
+TOOLS = [
+    {"name": "get_weather", "description": "查询城市当前天气 / current weather of a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    {"name": "calculator", "description": "两个数的四则运算 / arithmetic on two numbers",
+     "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"},
+                                                     "op": {"type": "string", "enum": ["add", "sub", "mul", "div"]}},
+                    "required": ["a", "b", "op"]}},
+    {"name": "convert_unit", "description": "单位换算 / unit conversion",
+     "parameters": {"type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"},
+                                                     "to_unit": {"type": "string"}},
+                    "required": ["value", "from_unit", "to_unit"]}},
+]
+
+CITIES_ZH = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安", "南京", "重庆", "天津", "苏州"]
+CITIES_EN = ["Beijing", "Shanghai", "London", "Paris", "Tokyo", "Berlin", "Sydney", "Toronto", "Madrid", "Seoul"]
+CONDITIONS = [("晴", "sunny"), ("多云", "cloudy"), ("小雨", "rainy"), ("阴", "overcast")]
+WEATHER_ZH = ["{city}今天天气怎么样？", "查一下{city}的天气", "{city}现在冷不冷？"]
+WEATHER_EN = ["What's the weather in {city}?", "How is the weather in {city} today?"]
+OPS = {"add": ("加", "plus", lambda a, b: a + b), "sub": ("减", "minus", lambda a, b: a - b),
+       "mul": ("乘以", "times", lambda a, b: a * b), "div": ("除以", "divided by", lambda a, b: round(a / b, 2))}
+MATH_ZH = ["{a}{op}{b}等于多少？", "帮我算一下{a}{op}{b}"]
+MATH_EN = ["What is {a} {op} {b}?", "Compute {a} {op} {b}."]
+UNITS = [("km", "mile", 0.621, "公里", "英里"), ("kg", "lb", 2.205, "公斤", "磅"), ("m", "ft", 3.281, "米", "英尺")]
+CONVERT_ZH = ["{value}{zh_from}是多少{zh_to}？", "把{value}{zh_from}换算成{zh_to}"]
+CONVERT_EN = ["How many {to} is {value} {frm}?", "Convert {value} {frm} to {to}."]
+SMALL_TALK = [("你好", "你好！有什么可以帮你？"), ("谢谢", "不客气！"), ("你是谁？", "我是一个可以查天气、算数和换算单位的助手。"),
+              ("Hello", "Hello! How can I help you?"), ("Thank you", "You are welcome!"),
+              ("Who are you?", "I am an assistant that can check the weather, calculate and convert units.")]
+
+
+def tool_record(rng: random.Random) -> dict:
+    """One conversation; its user prompt is unique enough to keep dev prompts out of train."""
+    kind = rng.choice(["weather", "math", "convert", "weather", "math", "convert", "chat"])
+    english = rng.random() < 0.5
+    if kind == "chat":
+        question, answer = rng.choice([p for p in SMALL_TALK if (p[0].isascii()) == english] or SMALL_TALK)
+        return {"tools": TOOLS, "conversations": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}]}
+    if kind == "weather":
+        city = rng.choice(CITIES_EN if english else CITIES_ZH)
+        condition = rng.choice(CONDITIONS)
+        temperature = rng.randint(-10, 35)
+        question = rng.choice(WEATHER_EN if english else WEATHER_ZH).format(city=city)
+        call, arguments = "get_weather", {"city": city}
+        observation = {"city": city, "temperature": temperature, "condition": condition[english]}
+        answer = (f"It is {condition[1]} in {city}, {temperature}°C." if english
+                  else f"{city}今天{condition[0]}，气温{temperature}度。")
+    elif kind == "math":
+        op = rng.choice(sorted(OPS))
+        a, b = rng.randint(1, 999), rng.randint(1, 99)
+        zh, en, compute = OPS[op]
+        question = rng.choice(MATH_EN if english else MATH_ZH).format(a=a, b=b, op=en if english else zh)
+        call, arguments = "calculator", {"a": a, "b": b, "op": op}
+        result = compute(a, b)
+        observation = {"result": result}
+        answer = f"The result is {result}." if english else f"结果是{result}。"
+    else:
+        frm, to, factor, zh_from, zh_to = rng.choice(UNITS)
+        value = rng.randint(1, 500)
+        template = rng.choice(CONVERT_EN if english else CONVERT_ZH)
+        question = template.format(value=value, frm=frm, to=to, zh_from=zh_from, zh_to=zh_to)
+        call, arguments = "convert_unit", {"value": value, "from_unit": frm, "to_unit": to}
+        result = round(value * factor, 2)
+        observation = {"value": result, "unit": to}
+        answer = f"{value} {frm} is about {result} {to}." if english else f"{value}{zh_from}约等于{result}{zh_to}。"
+    return {"tools": TOOLS, "conversations": [
+        {"role": "user", "content": question},
+        {"role": "tool", "name": call, "parameters": arguments, "observation": observation},
+        {"role": "assistant", "content": answer}]}
+
+
+def prompt_of(record: dict):
+    """The prompt that must not repeat between train and dev; None for small talk, which repeats by nature (it
+    stays in train only)."""
+    if len(record["conversations"]) == 2:
+        return None
+    return record["conversations"][0]["content"]
