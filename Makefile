@@ -14,7 +14,7 @@ QVENV := qlora/.venv
 QPY := $(QVENV)/bin/python
 QSTAMP := $(QVENV)/.installed
 
-.PHONY: venv test test-fast test-main test-qlora test-ascend demo assets lock clean
+.PHONY: venv test test-fast test-main test-qlora test-ascend demo demo-tools assets lock clean
 
 venv: $(STAMP) $(QSTAMP) $(ASTAMP)
 
@@ -61,6 +61,10 @@ assets: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --work_dir $(BUILD)/demo
+
+# ChatGLM3 tool use end to end: tune a tiny ChatGLM3 on tool conversations, score its calls, serve, call tools.
+demo-tools: $(STAMP)
+	$(PY) tools/demo_tools.py --work_dir $(BUILD)/demo-tools
 
 # Re-resolve the lock after editing requirements.txt.
 lock:

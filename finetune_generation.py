@@ -9,7 +9,9 @@
 `python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
 """
 from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+import json
 import logging
+from pathlib import Path
 
 import paddle
 from paddlenlp.datasets import MapDataset
@@ -169,6 +171,15 @@ def main(argv=None):
                                   gen_args)
 
 
+def write_predictions_file(path: Path, evaluator) -> None:
+    """The last evaluation's generated answers beside their references, one JSON line each, to read what the
+    metrics summarize."""
+    from glm_tune.safe_output import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"reference": r, "prediction": p}, ensure_ascii=False) + "\n"
+                                    for r, p in zip(evaluator.references, evaluator.last_predictions)))
+
+
 def train_and_evaluate(model_args, data_args, training_args, generation, records, run=None, resume_from=None,
                        gen_args=None):
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
@@ -205,6 +216,8 @@ def train_and_evaluate(model_args, data_args, training_args, generation, records
         summary = write_run_summary(training_args.output_dir, read_log_history(training_args.output_dir),
                                     {"metrics": metrics, "generation": generation})
         logger.info("metrics: %s", {k: v for k, v in summary["metrics"].items() if "runtime" not in k})
+        if evaluator is not None and evaluator.last_predictions:
+            write_predictions_file(Path(training_args.output_dir) / "eval_predictions.jsonl", evaluator)
         logger.info("wrote %s/metrics.json%s", training_args.output_dir,
                     " and loss_curve.png" if training_args.do_train else "")
     return trainer, metrics

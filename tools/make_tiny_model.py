@@ -43,22 +43,35 @@ V1_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<n>", "<
 DEFAULT_SIZES = {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 256}
 
 
-def tokenizer_corpus(seed: int, num_records: int = 3000) -> list:
-    """Lines the tokenizer is trained on: shipped text, prompt templates and generated ADGEN records."""
+CORPORA = ("adgen", "tools")
+
+
+def tokenizer_corpus(seed: int, num_records: int = 3000, corpus: str = "adgen") -> list:
+    """Lines the tokenizer is trained on: shipped text, prompt templates and generated ADGEN records; with "tools"
+    in `corpus`, also ChatGLM3 tool-use text (the tools' system message, calls, observations, answers), so that a
+    tool conversation takes hundreds of tokens instead of thousands of byte pieces."""
     lines = CORPUS_FILE.read_text(encoding="utf-8").splitlines()
     lines += ["[Round 1]\n\n问：你好\n\n答：你好！", "[Round 2]\n问：谢谢\n答：不客气。"]
     rng = random.Random(seed)
     for _ in range(num_records):
         record = make_record(rng)
         lines += [record["content"], record["summary"]]
+    if "tools" in corpus.split(","):
+        from data import read_record
+        from tools.tool_use_data import tool_record
+
+        for number in range(num_records // 3):
+            turns = read_record(tool_record(rng), f"tool corpus {number}").conversation
+            lines += [f"{t.metadata}\n{t.content}" for t in (turns if number < 50 else turns[1:])]
     return lines
 
 
-def train_sentencepiece(model_type: str, output_file: Path, seed: int = 42, vocab_size: int = 1200) -> Path:
+def train_sentencepiece(model_type: str, output_file: Path, seed: int = 42, vocab_size: int = 1200,
+                        corpus: str = "adgen") -> Path:
     """Train the SentencePiece model for `model_type` and write it to `output_file` (deterministic)."""
     import sentencepiece as spm
 
-    lines = tokenizer_corpus(seed)
+    lines = tokenizer_corpus(seed, corpus=corpus)
     options = dict(
         model_type="bpe",
         vocab_size=vocab_size,
@@ -75,6 +88,8 @@ def train_sentencepiece(model_type: str, output_file: Path, seed: int = 42, voca
         bos_id=1,
         eos_id=2,
     )
+    if corpus != "adgen":  # the tools' indented JSON: runs of blanks become one piece each
+        options.update(allow_whitespace_only_pieces=True)
     if model_type == "chatglm":
         lines = [line.replace("\n", "<n>") for line in lines]
         options.update(pad_id=3, user_defined_symbols=V1_SPECIAL_PIECES)
@@ -150,7 +165,8 @@ def random_init(model, seed: int) -> None:
         tensor.set_value(paddle.to_tensor(value, dtype=tensor.dtype))
 
 
-def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_sequence_length: int = 2048):
+def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_sequence_length: int = 2048,
+                     corpus: str = "adgen"):
     """(model, tokenizer) of `model_type`, in memory; the tokenizer's files live in a temporary folder until
     saved."""
     import paddle
@@ -159,7 +175,8 @@ def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_se
     _, model_class, tokenizer_class = generation.classes()
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     vocab_dir = Path(tempfile.mkdtemp(prefix="glm_tok_"))
-    vocab_file = train_sentencepiece(model_type, vocab_dir / generation.vocab_file, seed)
+    vocab_file = train_sentencepiece(model_type, vocab_dir / generation.vocab_file, seed,
+                                     vocab_size=1200 if corpus == "adgen" else 2000, corpus=corpus)
     extra = {"num_image_tokens": 0} if model_type == "chatglm" else {}
     tokenizer = tokenizer_class(vocab_file=str(vocab_file), **extra)
     config = build_config(model_type, tokenizer, sizes, max_sequence_length)
@@ -179,12 +196,13 @@ def save_paddle(model, tokenizer, output_dir: Path) -> None:
 
 
 def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int = 42, sizes: dict = None,
-                    max_sequence_length: int = 2048, max_shard_size: str = None, overwrite: bool = False) -> Path:
+                    max_sequence_length: int = 2048, max_shard_size: str = None, overwrite: bool = False,
+                    corpus: str = "adgen") -> Path:
     """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed)."""
     from glm_tune.conversion.hf_layout import save_hf_checkpoint
 
     output_dir = check_output_dir(output_dir, "make_tiny_model", overwrite=overwrite)
-    model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length)
+    model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length, corpus)
     with atomic_folder(output_dir, "make_tiny_model", overwrite) as staging:
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
@@ -230,6 +248,9 @@ def main(argv=None) -> None:
                         help="v2/v3 only: rotary base multiplier, as ChatGLM3-6B-32K (50) sets it")
     parser.add_argument("--max_sequence_length", type=int, default=2048,
                         help="longest sequence the config allows (src_length + tgt_length must fit)")
+    parser.add_argument("--tokenizer_corpus", default="adgen", choices=["adgen", "adgen,tools"],
+                        help="text the tokenizer learns its pieces from: the demo ad data, or that plus ChatGLM3 "
+                             "tool-use conversations (compact tool prompts; 2,000 pieces)")
     parser.add_argument("--max_shard_size", default=None,
                         help="hf format only: split safetensors into shards of at most this size, e.g. 200KB")
     args = parser.parse_args(argv)
@@ -238,7 +259,7 @@ def main(argv=None) -> None:
     sizes["vocab_size"] = args.vocab_size
     sizes["rope_ratio"] = args.rope_ratio
     out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
-                          args.max_sequence_length, args.max_shard_size, args.overwrite)
+                          args.max_sequence_length, args.max_shard_size, args.overwrite, args.tokenizer_corpus)
     print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)
 
 

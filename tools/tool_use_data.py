@@ -37,6 +37,25 @@ SMALL_TALK = [("你好", "你好！有什么可以帮你？"), ("谢谢", "不�
               ("Who are you?", "I am an assistant that can check the weather, calculate and convert units.")]
 
 
+def weather_of(city: str, english: bool) -> dict:
+    """The demo's weather service: made up, but the same city always gets the same weather."""
+    seed = sum(ord(c) for c in city)
+    condition = CONDITIONS[seed % len(CONDITIONS)]
+    return {"city": city, "temperature": seed % 40 - 5, "condition": condition[english]}
+
+
+def run_tool(name: str, arguments: dict):
+    """What the demo's client runs for a tool call the model made (the server never runs anything)."""
+    if name == "get_weather":
+        return weather_of(str(arguments["city"]), str(arguments["city"]).isascii())
+    if name == "calculator":
+        return {"result": OPS[arguments["op"]][2](arguments["a"], arguments["b"])}
+    if name == "convert_unit":
+        factor = next(u[2] for u in UNITS if (u[0], u[1]) == (arguments["from_unit"], arguments["to_unit"]))
+        return {"value": round(arguments["value"] * factor, 2), "unit": arguments["to_unit"]}
+    raise KeyError(f"no tool {name!r}")
+
+
 def tool_record(rng: random.Random) -> dict:
     """One conversation; its user prompt is unique enough to keep dev prompts out of train."""
     kind = rng.choice(["weather", "math", "convert", "weather", "math", "convert", "chat"])
@@ -47,13 +66,12 @@ def tool_record(rng: random.Random) -> dict:
                                                   {"role": "assistant", "content": answer}]}
     if kind == "weather":
         city = rng.choice(CITIES_EN if english else CITIES_ZH)
-        condition = rng.choice(CONDITIONS)
-        temperature = rng.randint(-10, 35)
         question = rng.choice(WEATHER_EN if english else WEATHER_ZH).format(city=city)
         call, arguments = "get_weather", {"city": city}
-        observation = {"city": city, "temperature": temperature, "condition": condition[english]}
-        answer = (f"It is {condition[1]} in {city}, {temperature}°C." if english
-                  else f"{city}今天{condition[0]}，气温{temperature}度。")
+        observation = weather_of(city, english)
+        temperature, condition = observation["temperature"], observation["condition"]
+        answer = (f"It is {condition} in {city}, {temperature}°C." if english
+                  else f"{city}今天{condition}，气温{temperature}度。")
     elif kind == "math":
         op = rng.choice(sorted(OPS))
         a, b = rng.randint(1, 999), rng.randint(1, 99)
