@@ -410,6 +410,10 @@ class PromptFormat:
             questions[0] = "\n".join(system + [questions[0]])
         return questions[-1], list(zip(questions[:-1], [t.content for t in rounds[1::2]]))
 
+    def turns_prompt_ids(self, turns, src_length: int = None) -> List[int]:
+        """The prompt for the answer after a system/user/assistant conversation that ends with a question."""
+        return self.prompt_ids(*self.history_form(turns), src_length=src_length)
+
     def conversation_example(self, turns) -> Example:
         """A conversation up to its last assistant answer as this generation's (question, answer, history): only
         that answer is learned, as THUDM's multi-turn fine-tuning of these models does."""

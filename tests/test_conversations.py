@@ -217,3 +217,26 @@ def test_finetune_on_tool_conversations_reports_tool_accuracy(tiny_dir, tmp_path
     tool_calls = next(v for k, v in scores.items() if k.endswith("tool-calls"))
     assert tool_calls == 3  # one call per dev conversation; its final answers scored as plain text
     assert any(k.endswith("rouge-1") for k in scores)
+
+
+def test_interactive_chat_shows_a_tool_call_and_takes_the_next_line_as_its_result():
+    import io
+
+    import infer_generation
+
+    seen = []
+
+    class Predictor:  # records the conversations it is asked to answer; answers as a ChatGLM3 would
+        def predict(self, examples):
+            seen.append(examples[0].conversation)
+            return ["get_weather\n ```python\ntool_call(city='北京')\n```" if len(seen) == 1 else "北京今天晴。"]
+
+    stdout = io.StringIO()
+    infer_generation.chat(Predictor(), io.StringIO("北京天气\n{\"condition\": \"晴\"}\nexit\n"), stdout,
+                          tools=[TOOL])
+    text = stdout.getvalue()
+    assert 'ChatGLM calls get_weather({"city": "北京"}); type the tool\'s result' in text
+    assert "ChatGLM: 北京今天晴。" in text
+    roles = [t.role for t in seen[1]]
+    assert roles == ["system", "user", "assistant", "observation"] and seen[1][2].metadata == "get_weather"
+    assert seen[1][3].content == '{"condition": "晴"}' and seen[1][0].content == tools_system_text([TOOL])

@@ -7,17 +7,12 @@ without a tool, so a model also learns when not to call one.
 """
 import random
 
-TOOLS = [
-    {"name": "get_weather", "description": "查询城市当前天气 / current weather of a city",
-     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
-    {"name": "calculator", "description": "两个数的四则运算 / arithmetic on two numbers",
-     "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"},
-                                                     "op": {"type": "string", "enum": ["add", "sub", "mul", "div"]}},
-                    "required": ["a", "b", "op"]}},
+TOOLS = [  # short descriptions: the tools' system message is part of every prompt
+    {"name": "get_weather", "description": "城市天气 / weather", "parameters": {"city": "string"}},
+    {"name": "calculator", "description": "四则运算 / arithmetic",
+     "parameters": {"a": "number", "b": "number", "op": "add|sub|mul|div"}},
     {"name": "convert_unit", "description": "单位换算 / unit conversion",
-     "parameters": {"type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"},
-                                                     "to_unit": {"type": "string"}},
-                    "required": ["value", "from_unit", "to_unit"]}},
+     "parameters": {"value": "number", "from_unit": "string", "to_unit": "string"}},
 ]
 
 CITIES_ZH = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安", "南京", "重庆", "天津", "苏州"]
@@ -74,7 +69,7 @@ def tool_record(rng: random.Random) -> dict:
                   else f"{city}今天{condition}，气温{temperature}度。")
     elif kind == "math":
         op = rng.choice(sorted(OPS))
-        a, b = rng.randint(1, 999), rng.randint(1, 99)
+        a, b = rng.randint(1, 99), rng.randint(1, 20)
         zh, en, compute = OPS[op]
         question = rng.choice(MATH_EN if english else MATH_ZH).format(a=a, b=b, op=en if english else zh)
         call, arguments = "calculator", {"a": a, "b": b, "op": op}
@@ -83,7 +78,7 @@ def tool_record(rng: random.Random) -> dict:
         answer = f"The result is {result}." if english else f"结果是{result}。"
     else:
         frm, to, factor, zh_from, zh_to = rng.choice(UNITS)
-        value = rng.randint(1, 500)
+        value = rng.randint(1, 99)
         template = rng.choice(CONVERT_EN if english else CONVERT_ZH)
         question = template.format(value=value, frm=frm, to=to, zh_from=zh_from, zh_to=zh_to)
         call, arguments = "convert_unit", {"value": value, "from_unit": frm, "to_unit": to}

@@ -28,7 +28,8 @@ class BasePredictor:
         self.seed = seed
 
     def _preprocess(self, examples: List[Example]) -> List[List[int]]:
-        prompts = [self.format.prompt_ids(e.src, e.history, self.src_length) for e in examples]
+        prompts = [self.format.prompt_ids(e.src, e.history, self.src_length) if e.conversation is None else
+                   self.format.turns_prompt_ids(e.conversation, self.src_length) for e in examples]
         cuts = cut_summary(self.format, len(prompts), self.src_length)
         if cuts:
             logger.info(cuts)
