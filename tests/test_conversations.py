@@ -240,3 +240,18 @@ def test_interactive_chat_shows_a_tool_call_and_takes_the_next_line_as_its_resul
     roles = [t.role for t in seen[1]]
     assert roles == ["system", "user", "assistant", "observation"] and seen[1][2].metadata == "get_weather"
     assert seen[1][3].content == '{"condition": "晴"}' and seen[1][0].content == tools_system_text([TOOL])
+
+
+def test_a_tokenizer_that_learned_tool_text_keeps_tool_prompts_short(tmp_path):
+    import sentencepiece
+
+    from tools.make_tiny_model import train_sentencepiece
+    from tools.tool_use_data import TOOLS
+
+    system = tools_system_text(TOOLS)
+    plain = sentencepiece.SentencePieceProcessor(model_file=str(train_sentencepiece(
+        "chatglm3", tmp_path / "a" / "tokenizer.model")))
+    tools = sentencepiece.SentencePieceProcessor(model_file=str(train_sentencepiece(
+        "chatglm3", tmp_path / "b" / "tokenizer.model", vocab_size=2000, corpus="adgen,tools")))
+    assert len(tools.encode(system)) < 200 < 2 * len(tools.encode(system)) < len(plain.encode(system))
+    assert tools.decode(tools.encode(system)) == system  # blanks runs kept exactly

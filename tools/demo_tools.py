@@ -1,6 +1,6 @@
 """`make demo-tools`: ChatGLM3 tool use end to end on a tiny model, on CPU: tune, score, export, serve, call.
 
-    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 400] [--lora False]
+    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 600] [--lora False]
 
 Steps, each through the project's own scripts as a user runs them:
   1. tools/make_demo_data.py --kind tools   weather / calculator / unit-conversion conversations (zh + en)
@@ -35,7 +35,7 @@ QUESTIONS = ["上海今天天气怎么样？", "What is 128 times 7?", "Convert 
 
 def finetune_args(model_dir, data_dir, output_dir, args) -> list:
     return ["finetune_generation.py", "--model_name_or_path", model_dir, "--task_name_or_path", data_dir,
-            "--output_dir", output_dir, "--model_type", "chatglm3", "--src_length", "480", "--tgt_length", "64",
+            "--output_dir", output_dir, "--model_type", "chatglm3", "--src_length", "256", "--tgt_length", "64",
             "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "25", "--do_eval",
             "--do_generation", "True", "--max_eval_samples", str(args.eval_samples), "--disable_tqdm",
             str(args.disable_tqdm), "--logging_steps", "20", "--report_to", "none", "--overwrite_output_dir", "True"]
@@ -93,7 +93,7 @@ def tool_round_trip(url: str, question: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="build/demo-tools", help="where data, models and outputs go")
-    parser.add_argument("--max_steps", type=int, default=400, help="training steps (batch 16)")
+    parser.add_argument("--max_steps", type=int, default=600, help="training steps (batch 16)")
     parser.add_argument("--learning_rate", default="3e-3", help="peak learning rate")
     parser.add_argument("--lora", default="False", help="LoRA instead of full fine-tuning (True/False)")
     parser.add_argument("--eval_samples", type=int, default=100, help="dev conversations scored (each: a call "
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     tuned = ["--model_name_or_path", model_dir, "--lora_path", out_dir] if args.lora == "True" else [
         "--model_name_or_path", out_dir]
     run("5. export", ["export_generation_model.py", *tuned, "--output_path", export_dir / "chatglm",
-                      "--src_length", "480", "--tgt_length", "64", "--overwrite", "True"])
+                      "--src_length", "256", "--tgt_length", "64", "--overwrite", "True"])
     print("\n=== 6. serve and call tools through the openai client", flush=True)
     proc, url = serve(export_dir, work / "server.log")
     try:
