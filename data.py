@@ -499,12 +499,14 @@ class ChatGLM3Format(ChatGLM2Format):
     def suffix_ids(self):
         return [self.tokenizer.get_command("<|assistant|>")]
 
-    def conversation_features(self, turns, src_length: int, tgt_length: int, is_test: bool = False):
+    def conversation_features(self, turns, src_length: int, tgt_length: int, is_test: bool = False,
+                              shift: bool = True):
         """THUDM's ChatGLM3 layout: [gMASK] sop, each message built by `message`, eos. A learned message's tokens
         are masked true (its role token too, as THUDM's preprocessing does); label j is token j+1 where mask j is
         true: so the metadata line, the content and the token after the turn (next role token or eos) are
         learned, the role token opening the turn is not. Longer than src_length + tgt_length: cut from the end;
-        None when nothing learnable is left (the caller skips and counts it)."""
+        None when nothing learnable is left (the caller skips and counts it). `shift=False` gives the whole ids
+        with unshifted labels, for trainers that shift labels themselves (transformers, in qlora/)."""
         if is_test:
             last = max(i for i, t in enumerate(turns) if t.role == "assistant")
             return {"input_ids": self.turns_prompt_ids(turns[:last], src_length),
@@ -524,7 +526,8 @@ class ChatGLM3Format(ChatGLM2Format):
         labels = [ids[j + 1] if mask[j] else IGNORE_INDEX for j in range(len(ids) - 1)]
         if all(label == IGNORE_INDEX for label in labels):
             return None
-        return {"input_ids": ids[:-1], "labels": labels}
+        return {"input_ids": ids[:-1], "labels": labels} if shift else {"input_ids": ids,
+                                                                         "labels": [IGNORE_INDEX] + labels}
 
     def turns_prompt_ids(self, turns, src_length: int = None) -> List[int]:
         """The prompt for the answer after `turns`; too long: the oldest non-system turns go first, then the end."""

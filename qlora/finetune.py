@@ -38,10 +38,18 @@ class FinetuneArguments:
 
 
 def build_features(path, tokenizer, generation, src_length, tgt_length):
-    """input_ids = prompt + answer; labels are -100 on the prompt (transformers shifts labels itself)."""
+    """input_ids = prompt + answer; labels are -100 on the prompt (transformers shifts labels itself).
+    ChatGLM3 `conversations` records keep their roles, tools and per-message loss (the main suite's layout);
+    other generations read them as their last question and answer with the earlier rounds as history."""
     fmt = get_prompt_format(generation, tokenizer)
     features = []
     for example in read_examples(path):
+        if example.conversation is not None and generation == "chatglm3":
+            feature = fmt.conversation_features(example.conversation, src_length, tgt_length, shift=False)
+            features += [feature] if feature is not None else []
+            continue
+        if example.conversation is not None:
+            example = fmt.conversation_example(example.conversation)
         prompt = fmt.prompt_ids(example.src, example.history, src_length)
         target = fmt.target_ids(example.tgt, tgt_length)
         features.append({"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target})

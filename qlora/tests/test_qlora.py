@@ -41,6 +41,25 @@ def test_prompt_format_matches_the_main_suite(model_type, tiny_glm):
     assert tokenizer.decode(fmt.target_ids(EXAMPLES[0].tgt), skip_special_tokens=True).strip() == EXAMPLES[0].tgt
 
 
+def test_conversations_keep_the_main_suites_layout_with_unshifted_labels(tiny_glm, tmp_path):
+    from data import get_prompt_format, read_examples, tokenize_example
+
+    tool = {"name": "get_weather", "description": "天气", "parameters": {"city": "string"}}
+    record = {"tools": [tool], "conversations": [
+        {"role": "user", "content": "北京天气"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 3}},
+        {"role": "assistant", "content": "北京3度"}]}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    folder = tiny_glm("chatglm3")
+    tokenizer = common.load_tokenizer(folder)
+    [feature] = finetune.build_features(path, tokenizer, "chatglm3", 512, 512)
+    shifted = tokenize_example(get_prompt_format("chatglm3", tokenizer), read_examples(path)[0], 512, 512)
+    assert feature["input_ids"][:-1] == shifted["input_ids"] and feature["labels"][1:] == shifted["labels"]
+    assert feature["input_ids"][-1] == tokenizer.eos_token_id and feature["labels"][-1] == tokenizer.eos_token_id
+    assert len(feature["input_ids"]) == len(feature["labels"])
+
+
 def train(folder, data, out, bits, steps, lr=1e-2):
     return finetune.main(["--base_model", str(folder), "--data_path", str(data), "--output_dir", str(out),
                           "--bits", str(bits), "--max_steps", str(steps), "--per_device_train_batch_size", "8",
