@@ -1,6 +1,6 @@
 """`make demo-tools`: ChatGLM3 tool use end to end on a tiny model, on CPU: tune, score, export, serve, call.
 
-    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 600] [--lora False]
+    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 1000] [--lora False]
 
 Steps, each through the project's own scripts as a user runs them:
   1. tools/make_demo_data.py --kind tools   weather / calculator / unit-conversion conversations (zh + en)
@@ -93,7 +93,7 @@ def tool_round_trip(url: str, question: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="build/demo-tools", help="where data, models and outputs go")
-    parser.add_argument("--max_steps", type=int, default=600, help="training steps (batch 16)")
+    parser.add_argument("--max_steps", type=int, default=1000, help="training steps (batch 16)")
     parser.add_argument("--learning_rate", default="3e-3", help="peak learning rate")
     parser.add_argument("--lora", default="False", help="LoRA instead of full fine-tuning (True/False)")
     parser.add_argument("--eval_samples", type=int, default=100, help="dev conversations scored (each: a call "
