@@ -15,13 +15,10 @@ baseline the ratio is taken against.
 """
 import argparse
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,29 +32,11 @@ PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#�
            "类型#上衣*风格#街头*图案#字母*衣样式#卫衣", "类型#裙*材质#雪纺*颜色#粉色*裙型#a字", "如何学习编程"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(export: Path, args):
-    port = free_port()
-    log = open(args.work_dir / "serve_load.log", "w")
-    proc = subprocess.Popen([sys.executable, "serve_generation.py", "--model_path", str(export), "--port", str(port),
-                             "--backend", "onnxruntime", "--precision", args.precision, "--threads", str(args.threads),
-                             "--max_batch", str(args.max_batch)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            sys.exit(f"error: the server exited; see {log.name}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit(f"error: the server did not start in 120 s; see {log.name}")
+    from tools.local_server import start_server as launch
+
+    return launch(export, args.work_dir / "serve_load.log", "--backend", "onnxruntime", "--precision",
+                  args.precision, "--threads", args.threads, "--max_batch", args.max_batch, timeout=120)
 
 
 def one_stream(connection, prompt: str, max_tokens: int) -> dict:

@@ -13,19 +13,17 @@ Steps, each through the project's own scripts as a user runs them:
 """
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from glm_tune.errors import GlmTuneError, run_cli  # noqa: E402
+from glm_tune.errors import run_cli  # noqa: E402
 from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
 from tools.demo import run  # noqa: E402
+from tools.local_server import start_server  # noqa: E402
 from tools.tool_use_data import TOOLS, run_tool  # noqa: E402
 
 COMMAND = "demo_tools"
@@ -47,24 +45,7 @@ def scores(output_dir: Path) -> dict:
 
 
 def serve(export_dir: Path, log_file: Path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_file, "w")
-    proc = subprocess.Popen([sys.executable, "serve_generation.py", "--model_path", str(export_dir), "--port",
-                             str(port), "--backend", "onnxruntime", "--precision", "fp32"], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            raise GlmTuneError(f"the server exited; see {log_file}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise GlmTuneError(f"the server did not start; see {log_file}")
+    return start_server(export_dir, log_file, "--backend", "onnxruntime", "--precision", "fp32")
 
 
 def tool_round_trip(url: str, question: str) -> dict:
