@@ -57,9 +57,14 @@ def generate_ids(model, tokenizer, generation: str, prompts: List[List[int]], ma
     return results
 
 
-def decode_answer(tokenizer, ids: List[int]) -> str:
-    """Answer text. Ids in the model's padded vocabulary tail (65024 rows for a 64798-token tokenizer) have no
-    text and are dropped; ChatGLM3's answers open with a newline (its metadata line), stripped with the rest
-    of the surrounding whitespace."""
+def decode_text(tokenizer, ids: List[int]) -> str:
+    """The ids' text as generated. Ids in the model's padded vocabulary tail (65024 rows for a 64798-token
+    tokenizer) have no text and are dropped."""
     known = [int(i) for i in ids if 0 <= int(i) < tokenizer.vocab_size]
-    return tokenizer.decode(known, skip_special_tokens=True).strip()
+    return tokenizer.decode(known, skip_special_tokens=True)
+
+
+def decode_answer(tokenizer, ids: List[int]) -> str:
+    """Answer text: `decode_text` without surrounding whitespace (ChatGLM3's answers open with a newline, the end
+    of its empty metadata line)."""
+    return decode_text(tokenizer, ids).strip()

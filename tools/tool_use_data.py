@@ -63,27 +63,27 @@ def tool_record(rng: random.Random) -> dict:
         city = rng.choice(CITIES_EN if english else CITIES_ZH)
         question = rng.choice(WEATHER_EN if english else WEATHER_ZH).format(city=city)
         call, arguments = "get_weather", {"city": city}
-        observation = weather_of(city, english)
+        observation = run_tool(call, arguments)
         temperature, condition = observation["temperature"], observation["condition"]
         answer = (f"It is {condition} in {city}, {temperature}°C." if english
                   else f"{city}今天{condition}，气温{temperature}度。")
     elif kind == "math":
         op = rng.choice(sorted(OPS))
         a, b = rng.randint(1, 99), rng.randint(1, 20)
-        zh, en, compute = OPS[op]
+        zh, en, _ = OPS[op]
         question = rng.choice(MATH_EN if english else MATH_ZH).format(a=a, b=b, op=en if english else zh)
         call, arguments = "calculator", {"a": a, "b": b, "op": op}
-        result = compute(a, b)
-        observation = {"result": result}
+        observation = run_tool(call, arguments)
+        result = observation["result"]
         answer = f"The result is {result}." if english else f"结果是{result}。"
     else:
-        frm, to, factor, zh_from, zh_to = rng.choice(UNITS)
+        frm, to, _, zh_from, zh_to = rng.choice(UNITS)
         value = rng.randint(1, 99)
         template = rng.choice(CONVERT_EN if english else CONVERT_ZH)
         question = template.format(value=value, frm=frm, to=to, zh_from=zh_from, zh_to=zh_to)
         call, arguments = "convert_unit", {"value": value, "from_unit": frm, "to_unit": to}
-        result = round(value * factor, 2)
-        observation = {"value": result, "unit": to}
+        observation = run_tool(call, arguments)
+        result = observation["value"]
         answer = f"{value} {frm} is about {result} {to}." if english else f"{value}{zh_from}约等于{result}{zh_to}。"
     return {"tools": TOOLS, "conversations": [
         {"role": "user", "content": question},

@@ -9,7 +9,7 @@ stop string wait for the next token.
 from typing import List, Optional, Tuple
 
 from data import parse_tool_call
-from glm_tune.generation import decode_answer
+from glm_tune.generation import decode_answer, decode_text
 
 REPLACEMENT = "\ufffd"
 
@@ -58,8 +58,7 @@ class AnswerText:
     # -------------------------------------------------------------------------------------------- helpers
 
     def _raw(self) -> str:
-        known = [i for i in self.ids if 0 <= i < self.tokenizer.vocab_size]
-        return self.tokenizer.decode(known, skip_special_tokens=True)
+        return decode_text(self.tokenizer, self.ids)
 
     def _cut(self, text: str) -> Tuple[str, bool]:
         """The text before the first stop string, and whether there was one."""
