@@ -28,6 +28,7 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix
                                     check_tensor_parallel, load_config, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import write_owner
+from glm_tune.tensor_parallel_layout import mark_replicated_kv
 from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir,
                                                drop_checkpoints, latest_complete, run_identity)
 
@@ -95,6 +96,7 @@ def build_model(model_args, training_args, generation):
                            dtype, seed=training_args.seed)
     elif model_args.prefix_tuning:
         model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path, dtype)
+    mark_replicated_kv(model)  # degree past the KV groups: copies whose gradients are summed at each step
     return model
 
 
@@ -161,9 +163,10 @@ def main(argv=None):
     generation, run, output_state, records = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
-        from glm_tune.training import tp_cpu_compat
+        from glm_tune.training import kv_replica_sync, tp_cpu_compat
 
         tp_cpu_compat.install()
+        kv_replica_sync.install()
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():

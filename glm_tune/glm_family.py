@@ -34,6 +34,9 @@ class Generation:
         """(config_class, model_class, tokenizer_class) imported from paddlenlp.transformers."""
         import paddlenlp.transformers as pt
 
+        from glm_tune import tensor_parallel_layout
+
+        tensor_parallel_layout.install()  # tensor parallel past the KV groups; LoRA's fused-column shard layout
         return getattr(pt, self.config_class), getattr(pt, self.model_class), getattr(pt, self.tokenizer_class)
 
 

@@ -215,21 +215,28 @@ def check_tensor_parallel(config, generation: str, degree: int) -> None:
     """Refuse a degree the architecture cannot be split by, naming the dimension that does not divide."""
     if degree <= 1:
         return
+    from glm_tune.tensor_parallel_layout import supported_degree
+
     dims = {"num_attention_heads": config.num_attention_heads, "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size}
     if generation == "chatglm":
         dims["inner_hidden_size"] = config.inner_hidden_size
     else:
         dims["ffn_hidden_size"] = config.ffn_hidden_size
-        # ChatGLM2/3 share key/value heads in 2 groups; PaddleNLP splits groups, not heads, across ranks.
-        dims["multi_query_group_num"] = config.multi_query_group_num
     bad = {k: v for k, v in dims.items() if v % degree}
+    groups = getattr(config, "multi_query_group_num", None) if generation != "chatglm" else None
+    if groups and not supported_degree(config.num_attention_heads, groups, degree):
+        bad["multi_query_group_num"] = groups
     if bad:
         detail = ", ".join(f"{k}={v}" for k, v in bad.items())
         hint = ""
         if "multi_query_group_num" in bad:
-            hint = (f"; {generation} has {config.multi_query_group_num} key/value groups, so use "
-                    "--tensor_parallel_degree 1 or 2 (replicating KV heads per rank is not supported)")
+            # Past the groups, each rank keeps a copy of the key/value group its query heads read.
+            fits = [d for d in range(2, config.num_attention_heads + 1)
+                    if supported_degree(config.num_attention_heads, groups, d) and not any(
+                        v % d for v in dims.values())]
+            hint = (f"; {generation} has {groups} key/value groups, so the degree must divide them or be a "
+                    f"multiple of them: use --tensor_parallel_degree {' or '.join(map(str, [1] + fits))}")
         raise ConfigurationError(f"--tensor_parallel_degree {degree} does not divide {detail}{hint}")
 
 

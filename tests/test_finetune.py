@@ -216,8 +216,8 @@ def run_refused(argv):
 
 
 def test_refuses_tensor_parallel_degree_that_does_not_divide_kv_groups(tiny_dir, demo_data, tmp_path):
-    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, tensor_parallel_degree=4))
-    assert "does not divide multi_query_group_num=2" in msg and "1 or 2" in msg
+    msg = run_refused(finetune_argv(tiny_dir("chatglm2"), demo_data, tmp_path, tensor_parallel_degree=3))
+    assert "multi_query_group_num=2" in msg and "use --tensor_parallel_degree 1 or 2 or 4" in msg
     msg = run_refused(finetune_argv(tiny_dir("chatglm"), demo_data, tmp_path, tensor_parallel_degree=3))
     assert "does not divide num_attention_heads=4" in msg
 

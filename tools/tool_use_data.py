@@ -15,11 +15,26 @@ TOOLS = [  # short descriptions: the tools' system message is part of every prom
      "parameters": {"value": "number", "from_unit": "string", "to_unit": "string"}},
 ]
 
-CITIES_ZH = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安", "南京", "重庆", "天津", "苏州"]
-CITIES_EN = ["Beijing", "Shanghai", "London", "Paris", "Tokyo", "Berlin", "Sydney", "Toronto", "Madrid", "Seoul"]
+# Many cities, each in several templates: with few of them a small model learns template -> city instead of
+# copying the name out of the prompt (measured: 22 cities, every dev weather call named a training city).
+CITIES_ZH = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安", "南京", "重庆", "天津", "苏州", "长沙", "郑州",
+             "青岛", "大连", "厦门", "宁波", "无锡", "合肥", "福州", "济南", "昆明", "贵阳", "南宁", "海口", "三亚", "拉萨",
+             "兰州", "银川", "西宁", "太原", "石家庄", "沈阳", "长春", "哈尔滨", "呼和浩特", "乌鲁木齐", "南昌", "温州",
+             "佛山", "东莞", "珠海", "汕头", "桂林", "洛阳", "开封", "扬州", "徐州", "烟台", "威海", "潍坊", "绍兴", "嘉兴",
+             "金华", "台州", "泉州", "漳州", "丽江", "大理", "遵义", "绵阳", "宜昌", "襄阳", "岳阳", "常德", "株洲", "赣州",
+             "九江", "芜湖", "蚌埠", "淮安", "盐城", "镇江", "常州", "南通", "保定", "唐山", "秦皇岛", "邯郸"]
+CITIES_EN = ["Beijing", "Shanghai", "London", "Paris", "Tokyo", "Berlin", "Sydney", "Toronto", "Madrid", "Seoul",
+             "Rome", "Vienna", "Prague", "Dublin", "Oslo", "Lisbon", "Athens", "Warsaw", "Zurich", "Geneva", "Munich",
+             "Milan", "Boston", "Chicago", "Denver", "Dallas", "Austin", "Seattle", "Miami", "Atlanta", "Houston",
+             "Phoenix", "Portland", "Vancouver", "Montreal", "Ottawa", "Calgary", "Lima", "Bogota", "Santiago",
+             "Havana", "Cairo", "Nairobi", "Lagos", "Accra", "Dubai", "Doha", "Mumbai", "Delhi", "Chennai", "Dhaka",
+             "Bangkok", "Hanoi", "Manila", "Jakarta", "Singapore", "Osaka", "Kyoto", "Busan", "Taipei", "Perth",
+             "Auckland", "Wellington", "Helsinki", "Stockholm", "Copenhagen", "Brussels", "Amsterdam", "Hamburg",
+             "Budapest", "Istanbul", "Moscow", "Kiev", "Riga", "Tallinn", "Edinburgh", "Glasgow", "Manchester"]
 CONDITIONS = [("晴", "sunny"), ("多云", "cloudy"), ("小雨", "rainy"), ("阴", "overcast")]
-WEATHER_ZH = ["{city}今天天气怎么样？", "查一下{city}的天气", "{city}现在冷不冷？"]
-WEATHER_EN = ["What's the weather in {city}?", "How is the weather in {city} today?"]
+WEATHER_ZH = ["{city}今天天气怎么样？", "查一下{city}的天气", "{city}现在冷不冷？", "{city}下雨了吗？", "我要去{city}，天气如何？"]
+WEATHER_EN = ["What's the weather in {city}?", "How is the weather in {city} today?", "Is it raining in {city}?",
+              "I am flying to {city}, what is the weather like?"]
 OPS = {"add": ("加", "plus", lambda a, b: a + b), "sub": ("减", "minus", lambda a, b: a - b),
        "mul": ("乘以", "times", lambda a, b: a * b), "div": ("除以", "divided by", lambda a, b: round(a / b, 2))}
 MATH_ZH = ["{a}{op}{b}等于多少？", "帮我算一下{a}{op}{b}"]
