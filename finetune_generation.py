@@ -27,6 +27,7 @@ from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator,
 from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_lengths,
                                     check_tensor_parallel, load_config, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
+from glm_tune.process_memory import peak_rss_per_rank
 from glm_tune.safe_output import write_owner
 from glm_tune.tensor_parallel_layout import mark_replicated_kv
 from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpoint_step, claim_output_dir,
@@ -210,6 +211,8 @@ def train_and_evaluate(model_args, data_args, training_args, generation, records
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        # before saving (which copies weights): what training itself needed, per rank (bench/memory_plan.py)
+        metrics["train_peak_rss_mb"] = peak_rss_per_rank(training_args.world_size)
         trainer.save_model()
         trainer.save_state()
         metrics.update(result.metrics)

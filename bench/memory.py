@@ -1,12 +1,7 @@
-"""Peak resident memory of this process.
+"""Peak resident memory of this process (kept here for the bench scripts; the code is glm_tune's)."""
+import sys
+from pathlib import Path
 
-`resource.getrusage(...).ru_maxrss` is not used: Linux keeps it across exec, so a child started by a big parent
-reports the parent's size. /proc/self/status VmHWM belongs to this process image only."""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+from glm_tune.process_memory import peak_rss_mb  # noqa: E402,F401

@@ -157,3 +157,41 @@ def test_degree_four_checkpoint_generates_and_merges_under_the_launcher(tiny8, d
     assert json.loads((merged / "config.json").read_text())["tensor_parallel_degree"] == 1
     predict_generation.main(predict_argv(merged, output_file=tmp_path / "merged.json"))
     assert (tmp_path / "tp.json").read_text() == (tmp_path / "merged.json").read_text()
+
+
+# ------------------------------------------------------------------------------------- memory plan
+
+
+def test_memory_plan_counts_chatglm2_6b_by_hand():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan
+
+    shapes_config = memory_plan.full_shapes("chatglm2")
+    h, ffn, vocab, layers, kv = 4096, 13696, 65024, 28, 2 * 128 * 2
+    layer = (h * (h + kv) + h + kv) + h * h + h * 2 * ffn + ffn * h + 2 * h
+    assert memory_plan.plan("chatglm2", memory_plan.Recipe(), shapes_config)["params_per_rank"] == \
+        2 * vocab * h + layers * layer + h == 6_243_584_000  # THUDM's "6.2B"
+    # TP 4 past the 2 groups: a quarter of the query heads and of everything split, plus one group's K and V.
+    qkv4 = h * (h // 4 + 2 * 128) + h // 4 + 2 * 128
+    layer4 = qkv4 + h * h // 4 + h * 2 * ffn // 4 + ffn * h // 4 + 2 * h
+    tp4 = memory_plan.plan("chatglm2", memory_plan.Recipe(degree=4), shapes_config)
+    assert tp4["params_per_rank"] == 2 * vocab * h // 4 + layers * layer4 + h
+    # bf16 full fine-tuning: 2 (weights) + 2 (grads) + 12 (fp32 master + moments) bytes per parameter
+    assert tp4["weights"] + tp4["grads"] + tp4["optimizer"] == 16 * tp4["params_per_rank"]
+    stage2 = memory_plan.plan("chatglm2", memory_plan.Recipe(degree=2, data_parallel=2, sharding=2), shapes_config)
+    tp2 = memory_plan.plan("chatglm2", memory_plan.Recipe(degree=2), shapes_config)
+    assert stage2["optimizer"] == tp2["optimizer"] / 2 and stage2["grads"] == tp2["grads"] / 2
+
+
+@pytest.mark.parametrize("degree", [2, 4, 8])
+def test_memory_plan_split_rules_match_real_shards(degree, tiny8, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan
+
+    shards = split_into_shards(tiny8("chatglm2"), tmp_path / "tp", degree)
+    config = load_config(str(tiny8("chatglm2")), "chatglm2")
+    planned = memory_plan.plan("chatglm2", memory_plan.Recipe(degree=degree),
+                               memory_plan.full_shapes("chatglm2", config))["params_per_rank"]
+    for rank in range(degree):
+        state = paddle.load(str(shards / f"model_state.tp{rank:02d}.pdparams"), return_numpy=True)
+        assert sum(v.size for n, v in state.items() if not n.endswith(memory_plan.NOT_PARAMETERS)) == planned
