@@ -132,7 +132,23 @@ class GLMTrainingArguments(TrainingArguments):
         # PaddleNLP quietly lowers tensor_parallel_degree to the number of processes; keep what was asked
         # so a run without the launcher is refused instead of silently training on one process.
         self.requested_tensor_parallel_degree = self.tensor_parallel_degree
+        check_layout(self.tensor_parallel_degree, self.sharding, int(os.environ.get("PADDLE_TRAINERS_NUM", "1")))
         super().__post_init__()
+
+
+def check_layout(degree: int, sharding, processes: int) -> None:
+    """Refuse, before PaddleNLP starts the distributed environment, a process layout it would reject with an
+    assertion or that has no CPU implementation."""
+    if processes > 1 and degree > 1 and processes % degree:
+        require_flag(False, f"{processes} processes are not a multiple of --tensor_parallel_degree {degree}: launch "
+                            f"{degree} x k processes (k data-parallel replicas), e.g. --nproc_per_node {degree}")
+    stages = str(sharding or "").split()
+    if any(s in ("stage2", "stage3") for s in stages) and processes > 1:
+        import paddle
+
+        require_flag(not paddle.get_device().startswith("cpu"),
+                     f"--sharding {sharding} needs GPUs (Paddle's group_sharded_parallel has no CPU version); on CPU "
+                     "use --sharding stage1 (optimizer states sharded) or no sharding")
 
 
 @dataclass

@@ -48,6 +48,7 @@ def init_tensor_parallel() -> tuple:
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": world, "pp_degree": 1}
+    tp_cpu_compat.serialize_group_creation()
     fleet.init(is_collective=True, strategy=strategy)
     tp_cpu_compat.install()
     return world, fleet.get_hybrid_communicate_group().get_model_parallel_rank()

@@ -36,13 +36,45 @@ def tiny8(tmp_path_factory):
     return get
 
 
-def launch(nproc, script, argv, log_dir, cwd):
+# Gloo's rendezvous in this sandbox (gVisor) fails in about a third of the starts with more than 2 processes
+# ("pair.cc ... Connection refused" / "TIMEOUT" while Paddle creates its process groups): a fault of the transport,
+# reproduced with no code of this suite (new_group in a loop). Such starts, and only they, are retried.
+GLOO_START_FAILURES = ("gloo/transport/tcp/pair.cc", "gloo/transport/tcp/unbound_buffer.cc",
+                       "TCP connection reset by peer")
+START_ATTEMPTS = 5
+
+
+def gloo_start_failure(logs: str) -> bool:
+    return any(marker in logs for marker in GLOO_START_FAILURES) and "train_loss" not in logs
+
+
+def with_start_retries(start, outputs, log_dir):
+    """Run `start()` (returns (ok, logs)) until it succeeds or fails for another reason than gloo's start."""
+    import shutil
+
+    for attempt in range(START_ATTEMPTS):
+        ok, logs = start()
+        if ok or not gloo_start_failure(logs) or attempt == START_ATTEMPTS - 1:
+            assert ok, logs
+            return attempt
+        print(f"gloo failed to start (attempt {attempt + 1}), retrying", file=sys.stderr)
+        for folder in [*outputs, log_dir]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def worker_logs(log_dir) -> str:
+    return "".join(p.read_text(errors="replace")[-2500:] for p in sorted(Path(log_dir).rglob("workerlog.*")))
+
+
+def launch(nproc, script, argv, log_dir, cwd, outputs=()):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir",
            str(log_dir), str(ROOT / script), *map(str, argv)]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
-    logs = "".join(p.read_text(errors="replace")[-2500:] for p in sorted(Path(log_dir).glob("workerlog.*")))
-    assert proc.returncode == 0, logs
-    return proc
+
+    def start():
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+        return proc.returncode == 0, worker_logs(log_dir)
+
+    return with_start_retries(start, outputs, log_dir)
 
 
 # ------------------------------------------------------------------------------------- layout (no processes)
@@ -110,12 +142,22 @@ def test_degree_checks_past_the_kv_groups(tiny_dir, tiny8):
         check_tensor_parallel(config4, "chatglm2", 8)
 
 
+def test_layouts_refused_before_the_distributed_start():
+    from argument import ArgumentError, check_layout
+
+    with pytest.raises(ArgumentError, match="3 processes are not a multiple of --tensor_parallel_degree 2"):
+        check_layout(2, "", 3)
+    with pytest.raises(ArgumentError, match="--sharding stage2 needs GPUs.*use --sharding stage1"):
+        check_layout(2, "stage2", 4)
+    check_layout(2, "stage1", 4)
+    check_layout(4, "", 8)
+
+
 # ------------------------------------------------------------------------------------- 4 CPU ranks (gloo)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type,method", [("chatglm2", "full"), ("chatglm3", "full"), ("chatglm2", "lora"),
-                                               ("chatglm3", "lora")])
+@pytest.mark.parametrize("model_type,method", [("chatglm2", "full"), ("chatglm3", "lora")])
 def test_degree_four_trains_like_the_single_process(model_type, method, tiny8, demo_data, tmp_path):
     """Degree 4 on 2 key/value groups: ranks 0-1 and 2-3 share a group's copy; losses match the single process,
     and the saved weights (merged shards, or the merged LoRA adapter) give its logits."""
@@ -126,7 +168,7 @@ def test_degree_four_trains_like_the_single_process(model_type, method, tiny8, d
     single, tp = tmp_path / "single", tmp_path / "tp"
     finetune_generation.main(finetune_argv(model_dir, demo_data, single, **common))
     launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, tp, tensor_parallel_degree=4, **common),
-           tmp_path / "log", tmp_path)
+           tmp_path / "log", tmp_path, [tp])
     a, b = losses(single), losses(tp)
     assert abs(a[1] - b[1]) <= 1e-6, (a, b)
     for step in (2, 3):
@@ -148,12 +190,14 @@ def test_degree_four_checkpoint_generates_and_merges_under_the_launcher(tiny8, d
     model_dir = tiny8("chatglm2")
     tp = tmp_path / "tp"
     launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, tp, tensor_parallel_degree=4,
-                                                      max_steps=2, learning_rate=1e-3), tmp_path / "log1", tmp_path)
+                                                      max_steps=2, learning_rate=1e-3), tmp_path / "log1", tmp_path,
+           [tp])
     assert sorted(p.name for p in tp.glob("model_state.tp*.pdparams")) == [f"model_state.tp0{r}.pdparams"
                                                                           for r in range(4)]
     merged = tmp_path / "merged"
     launch(4, "predict_generation.py", predict_argv(tp, merge_tensor_parallel_path=merged,
-                                                    output_file=tmp_path / "tp.json"), tmp_path / "log2", tmp_path)
+                                                    output_file=tmp_path / "tp.json"), tmp_path / "log2", tmp_path,
+           [merged])
     assert json.loads((merged / "config.json").read_text())["tensor_parallel_degree"] == 1
     predict_generation.main(predict_argv(merged, output_file=tmp_path / "merged.json"))
     assert (tmp_path / "tp.json").read_text() == (tmp_path / "merged.json").read_text()
@@ -195,3 +239,83 @@ def test_memory_plan_split_rules_match_real_shards(degree, tiny8, tmp_path):
     for rank in range(degree):
         state = paddle.load(str(shards / f"model_state.tp{rank:02d}.pdparams"), return_numpy=True)
         assert sum(v.size for n, v in state.items() if not n.endswith(memory_plan.NOT_PARAMETERS)) == planned
+
+
+# ------------------------------------------------------------------------------------- data x tensor parallel
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(script, argv, log_dir, cwd, outputs=(), nproc_per_node=2):
+    """Two `paddle.distributed.launch` "nodes" on this machine, meeting at one --master, as on two hosts."""
+
+    def start():
+        master = f"127.0.0.1:{free_port()}"
+        procs = []
+        for node in range(2):
+            cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", master, "--nnodes", "2", "--rank",
+                   str(node), "--nproc_per_node", str(nproc_per_node), "--log_dir", str(log_dir / f"node{node}"),
+                   str(ROOT / script), *map(str, argv)]
+            procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+        return all(p.returncode == 0 for p in procs), "".join(o[-1500:] for o in outs) + worker_logs(log_dir)
+
+    return with_start_retries(start, outputs, log_dir)
+
+
+DP_TP = dict(per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, save_steps=2)
+SINGLE_OF_DP2 = dict(DP_TP, gradient_accumulation_steps=2)  # the same global batches in one process
+
+
+def assert_losses_match(reference, run, tolerance=1e-5):
+    a, b = losses(reference), losses(run)
+    assert set(b) <= set(a) and b, (a, b)
+    for step in b:
+        assert abs(a[step] - b[step]) <= tolerance, (step, a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["", "stage1"])  # stage2 is GPU-only in Paddle: refused below
+def test_data_times_tensor_parallel_matches_and_resumes(sharding, tiny8, demo_data, tmp_path):
+    """4 processes, --tensor_parallel_degree 2: 2 data-parallel replicas (or sharding ranks) x TP 2. Its global
+    batch per step is the single process's two accumulated micro-batches; losses match, and a resume from the
+    middle checkpoint continues exactly."""
+    model_dir = tiny8("chatglm2")
+    single, run, resumed = tmp_path / "single", tmp_path / "dp_tp", tmp_path / "resumed"
+    finetune_generation.main(finetune_argv(model_dir, demo_data, single, **SINGLE_OF_DP2))
+    extra = dict(tensor_parallel_degree=2, sharding=sharding or None)
+    launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, run, **DP_TP, **extra),
+           tmp_path / "log", tmp_path, [run])
+    assert_losses_match(single, run)
+    launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, resumed, **DP_TP, **extra,
+                                                     resume_from_checkpoint=run / "checkpoint-2"),
+           tmp_path / "log_resumed", tmp_path, [resumed])
+    assert sorted(losses(resumed)) == [3, 4]
+    assert_losses_match(run, resumed, 1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_save_resume_and_merge(tiny8, demo_data, tmp_path):
+    """Two launchers meeting at one --master (two "nodes" of 2 processes: TP 2 x DP 2) on a shared folder."""
+    model_dir = tiny8("chatglm2")
+    single, run, resumed = tmp_path / "single", tmp_path / "nodes", tmp_path / "resumed"
+    finetune_generation.main(finetune_argv(model_dir, demo_data, single, **SINGLE_OF_DP2))
+    launch_two_nodes("finetune_generation.py", finetune_argv(model_dir, demo_data, run, **DP_TP,
+                                                             tensor_parallel_degree=2), tmp_path / "log", tmp_path,
+                     [run])
+    assert_losses_match(single, run)
+    launch_two_nodes("finetune_generation.py", finetune_argv(
+        model_dir, demo_data, resumed, **DP_TP, tensor_parallel_degree=2,
+        resume_from_checkpoint=run / "checkpoint-2"), tmp_path / "log_resumed", tmp_path, [resumed])
+    assert_losses_match(run, resumed, 1e-6)
+    merged = merge_tp_shards(run, tmp_path / "merged")
+    tok = load_tokenizer(str(model_dir), "chatglm2")
+    np.testing.assert_allclose(batch_logits(load_model(str(merged), "chatglm2"), tok, "chatglm2"),
+                               batch_logits(load_model(str(single), "chatglm2"), tok, "chatglm2"), atol=1e-5)
