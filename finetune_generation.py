@@ -167,7 +167,7 @@ def main(argv=None):
     generation, run, output_state, records = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
-        from glm_tune.training import kv_replica_sync, tp_cpu_compat
+        from glm_tune.training import kv_replica_sync
 
         tp_cpu_compat.install()
         kv_replica_sync.install()

@@ -35,3 +35,13 @@ def test_serve_load_runs(tmp_path):
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("1", "2/2"), ("3", "6/6")]
     assert all(float(x) > 0 for r in rows for x in r[2:])
+
+
+@pytest.mark.slow
+def test_memory_plan_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), "--degrees", "1", "--batch", "1",
+                          "--steps", "1", "--work_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    assert "ChatGLM2-6B  full     4     0   1" in out and "GPUs needed" in out
+    row = next(line.split() for line in out.splitlines()[::-1] if line.split() and line.split()[0] == "1")
+    assert len(row) == 5 and all(float(x) > 0 for x in row[1:])
