@@ -162,11 +162,11 @@ def print_table() -> None:
                     f"{r[k] / GIB:>{w}.2f}" for k, w in (("weights", 9), ("grads", 8), ("optimizer", 8),
                                                           ("activations", 8), ("total", 8))))
     print("\nGPUs needed (smallest layout that fits; 1 GiB framework reserve + 10% slack):")
-    print(f"{'model':<13}{'method':<7}" + "".join(f"{g:<44}" for g in ("24 GB", "40 GB", "80 GB")))
+    print(f"{'model':<13}{'method':<7}" + "".join(f"{g:<48}" for g in ("24 GB", "40 GB", "80 GB")))
     for name, generation in MODELS.items():
         shapes_config = full_shapes(generation)
         for method in ("full", "lora"):
-            print(f"{name:<13}{method:<7}" + "".join(f"{gpus_needed(generation, g, method, shapes_config):<44}"
+            print(f"{name:<13}{method:<7}" + "".join(f"{gpus_needed(generation, g, method, shapes_config):<47} "
                                                     for g in (24, 40, 80)))
 
 
