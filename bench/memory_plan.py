@@ -1,6 +1,6 @@
 """Per-rank training memory of the ChatGLM 6B models, planned from their shapes and checked against measurement.
 
-    python bench/memory_plan.py                  # the 6B table, then the check on the mid model at TP 1 / 2 / 4
+    python bench/memory_plan.py                  # the 6B table, then the check on the mid model in 5 layouts
     python bench/memory_plan.py --skip_measure   # the table only
 
 The plan counts, per rank: weights, gradients, optimizer states (AdamW moments, fp32 master weights when the
@@ -11,7 +11,8 @@ data-parallel ranks, full fine-tuning or LoRA. Activations use the transformer e
 output, its fp32 copy when half, and the fp32 softmax) over the vocabulary shard; with recompute only each layer's input is kept.
 
 The check: `finetune_generation.py` (the real path, under `paddle.distributed.launch` for t > 1) trains the mid
-ChatGLM2 (4 layers, hidden 512, vocab 65024) and the tiny one in fp32 on CPU and reports each rank's peak RSS
+ChatGLM2 (4 layers, hidden 512, vocab 65024) and the tiny one in fp32 on CPU, in each layout (TP 1 / 2 / 4, 2
+data-parallel replicas x TP 2, and the same with sharding stage 1), and reports each rank's peak RSS
 (`metrics.json` train_peak_rss_mb). The tiny run measures what the framework itself holds at that degree; the
 plan predicts the rest. Printed: planned vs measured per degree and their ratio.
 """
@@ -173,14 +174,20 @@ def print_table() -> None:
 # ------------------------------------------------------------------------------------- measured check
 
 
-def run_finetune(model_dir: Path, data_dir: Path, out: Path, degree: int, batch: int, steps: int) -> list:
+# (name, tensor parallel degree, data-parallel replicas, sharding stage) of the measured layouts
+LAYOUTS = {"tp1": (1, 1, 0), "tp2": (2, 1, 0), "tp4": (4, 1, 0), "tp2xdp2": (2, 2, 0), "tp2xdp2-stage1": (2, 2, 1)}
+
+
+def run_finetune(model_dir: Path, data_dir: Path, out: Path, layout: tuple, batch: int, steps: int) -> list:
+    degree, replicas, stage = layout
     argv = [str(ROOT / "finetune_generation.py"), "--model_name_or_path", str(model_dir), "--task_name_or_path",
             str(data_dir), "--output_dir", str(out), "--src_length", "64", "--tgt_length", "48",
             "--per_device_train_batch_size", str(batch), "--max_steps", str(steps), "--save_steps", "100000",
             "--logging_steps", "1", "--disable_tqdm", "True", "--report_to", "none", "--do_train",
-            "--tensor_parallel_degree", str(degree)]
-    cmd = [sys.executable, *argv] if degree == 1 else [
-        sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(degree), "--log_dir",
+            "--tensor_parallel_degree", str(degree)] + (["--sharding", f"stage{stage}"] if stage else [])
+    processes = degree * replicas
+    cmd = [sys.executable, *argv] if processes == 1 else [
+        sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes), "--log_dir",
         str(out.parent / f"log_{out.name}"), *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -189,7 +196,7 @@ def run_finetune(model_dir: Path, data_dir: Path, out: Path, degree: int, batch:
     return json.loads((out / "metrics.json").read_text())["metrics"]["train_peak_rss_mb"]
 
 
-def measured_check(degrees, batch: int, steps: int, work: Path) -> list:
+def measured_check(layouts, batch: int, steps: int, work: Path) -> list:
     from tools.make_demo_data import make_demo_data
     from tools.make_tiny_model import make_tiny_model
 
@@ -199,14 +206,16 @@ def measured_check(degrees, batch: int, steps: int, work: Path) -> list:
     tiny = make_tiny_model("chatglm2", work / "tiny", sizes={"num_attention_heads": 8})
     data = make_demo_data(work / "data", num_train=batch * steps * 2, num_dev=4)
     rows = []
-    for degree in degrees:
-        base = run_finetune(tiny, data, work / f"tiny_tp{degree}", degree, batch, steps)
-        used = run_finetune(mid, data, work / f"mid_tp{degree}", degree, batch, steps)
-        recipe = Recipe(degree=degree, precision="fp32", micro_batch=batch, seq_len=64 + 48)
+    for name in layouts:
+        degree, replicas, stage = LAYOUTS[name]
+        base = run_finetune(tiny, data, work / f"tiny_{name}", LAYOUTS[name], batch, steps)
+        used = run_finetune(mid, data, work / f"mid_{name}", LAYOUTS[name], batch, steps)
+        recipe = Recipe(degree=degree, data_parallel=replicas, sharding=stage, precision="fp32", micro_batch=batch,
+                        seq_len=64 + 48)
         mid_plan = plan("chatglm2", recipe, full_shapes("chatglm2", _config(mid)))["total"]
         tiny_plan = plan("chatglm2", recipe, full_shapes("chatglm2", _config(tiny)))["total"]
         predicted = max(base) + (mid_plan - tiny_plan) / 2 ** 20
-        rows.append({"degree": degree, "measured_mb": max(used), "predicted_mb": predicted,
+        rows.append({"layout": name, "measured_mb": max(used), "predicted_mb": predicted,
                      "framework_mb": max(base), "ratio": predicted / max(used)})
     return rows
 
@@ -219,7 +228,9 @@ def _config(model_dir: Path):
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--degrees", default="1,2,4", help="tensor parallel degrees measured on the mid model")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help=f"layouts measured on the mid model, of: {', '.join(LAYOUTS)} (tpT: tensor parallel T; "
+                             "xdp2: 2 data-parallel replicas; -stage1: optimizer states sharded over them)")
     parser.add_argument("--batch", type=int, default=4, help="micro-batch of the measured runs")
     parser.add_argument("--steps", type=int, default=3, help="training steps of the measured runs")
     parser.add_argument("--skip_measure", action="store_true", help="print the 6B plan only")
@@ -229,11 +240,14 @@ def main(argv=None) -> list:
     if args.skip_measure:
         return []
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="memory_plan_"))
-    rows = measured_check([int(d) for d in args.degrees.split(",")], args.batch, args.steps, work)
+    unknown = sorted(set(args.layouts.split(",")) - set(LAYOUTS))
+    if unknown:
+        parser.error(f"--layouts: unknown {unknown}; choose from {', '.join(LAYOUTS)}")
+    rows = measured_check(args.layouts.split(","), args.batch, args.steps, work)
     print("\nPlan vs measured peak RSS per rank, mid ChatGLM2 (4 layers, hidden 512, vocab 65024), fp32 AdamW on CPU:")
-    print(f"{'TP':>3}{'framework MB':>14}{'planned MB':>12}{'measured MB':>13}{'planned/measured':>18}")
+    print(f"{'layout':<16}{'framework MB':>14}{'planned MB':>12}{'measured MB':>13}{'planned/measured':>18}")
     for r in rows:
-        print(f"{r['degree']:>3}{r['framework_mb']:>14.0f}{r['predicted_mb']:>12.0f}{r['measured_mb']:>13.0f}"
+        print(f"{r['layout']:<16}{r['framework_mb']:>14.0f}{r['predicted_mb']:>12.0f}{r['measured_mb']:>13.0f}"
               f"{r['ratio']:>18.2f}")
     return rows
 

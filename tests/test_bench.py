@@ -39,9 +39,9 @@ def test_serve_load_runs(tmp_path):
 
 @pytest.mark.slow
 def test_memory_plan_runs(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), "--degrees", "1", "--batch", "1",
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), "--layouts", "tp1", "--batch", "1",
                           "--steps", "1", "--work_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=900, check=True).stdout
     assert "ChatGLM2-6B  full     4     0   1" in out and "GPUs needed" in out
-    row = next(line.split() for line in out.splitlines()[::-1] if line.split() and line.split()[0] == "1")
+    row = next(line.split() for line in out.splitlines()[::-1] if line.split() and line.split()[0] == "tp1")
     assert len(row) == 5 and all(float(x) > 0 for x in row[1:])
