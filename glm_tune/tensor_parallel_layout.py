@@ -161,10 +161,20 @@ def _patch_lora_actions(lora_model_class):
                 continue
             weight = next((k for k in weight_actions if (layer + ".weight").endswith(k)), None)
             if weight is not None:
-                actions[key] = weight_actions[weight]
+                actions[key] = partial(_on_tensors, weight_actions[weight])
         return actions
 
     lora_model_class._get_tensor_parallel_convert_actions = _get_tensor_parallel_convert_actions
+
+
+def _on_tensors(action, value):
+    """PaddleNLP's fused-layer split concatenates with paddle ops, and a resumed LoRA checkpoint arrives as numpy:
+    give the action a tensor and hand back what came in."""
+    if isinstance(value, np.ndarray):
+        import paddle
+
+        return np.asarray(action(paddle.to_tensor(value)).numpy())
+    return action(value)
 
 
 def install() -> None:
