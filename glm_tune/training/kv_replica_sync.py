@@ -18,8 +18,9 @@ def _replicated(params):
 
 
 def sum_copies(params, group) -> None:
-    """Replace each tagged gradient's key/value columns by their sum over the ranks holding the same group."""
-    for param in _replicated(params):
+    """Replace each tagged gradient's key/value columns by their sum over the ranks holding the same group
+    (`params`: the tagged parameters that have a gradient)."""
+    for param in params:
         info, grad = param.replicated_kv, param.grad
         q = info["q_width"]
         kv = grad[..., q:]
@@ -54,8 +55,9 @@ def install() -> None:
     step = hpo.HybridParallelOptimizer._step
 
     def _step(self, parameters_list):
-        if _replicated(parameters_list):
-            sum_copies(parameters_list, fleet.get_hybrid_communicate_group().get_model_parallel_group())
+        tagged = _replicated(parameters_list)
+        if tagged:
+            sum_copies(tagged, fleet.get_hybrid_communicate_group().get_model_parallel_group())
         return step(self, parameters_list)
 
     comm_and_clip = hpo.HybridParallelClipGrad._comm_and_clip
