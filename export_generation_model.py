@@ -21,7 +21,8 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapte
                                     resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
 from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
-from glm_tune.deployment.step_model import GenerationStep, cache_names, cache_shape, input_specs
+from glm_tune.deployment.step_model import (STEP_GRAPH_FORMAT, TIME_AXIS, GenerationStep, cache_names, cache_shape,
+                                            input_specs, new_cache_names)
 from glm_tune.safe_output import atomic_folder, atomic_write_json
 
 COMMAND = "export_generation_model"
@@ -99,14 +100,16 @@ def load_for_export(model_args, dtype: str):
 def describe(generation: str, config, tokenizer, dtype: str, data_args, formats: dict) -> dict:
     layers, heads, dim = cache_shape(config, generation)
     return {
-        "format": "glm-tune step graph v1",
+        "format": STEP_GRAPH_FORMAT,
         "formats": formats,
         "generation": generation,
         "dtype": dtype,
         "inputs": ["input_ids", "position_ids", "attention_mask"] + cache_names(layers),
-        "outputs": ["next_logits"] + cache_names(layers),
-        "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim,
-                  "layout": "one key and one value per layer, each [past, batch, heads, dim]"},
+        "outputs": ["next_logits"] + new_cache_names(layers),
+        "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim, "time_axis": TIME_AXIS[generation],
+                  "layout": "one key and one value per layer, each " + (
+                      "[columns, batch, heads, dim]" if TIME_AXIS[generation] == 0 else "[batch, heads, columns, dim]"),
+                  "outputs": "the step's new columns only; the caller keeps the cache"},
         "vocab_size": config.vocab_size,
         "max_sequence_length": config.max_sequence_length,
         "defaults": {"src_length": data_args.src_length, "max_new_tokens": data_args.tgt_length,

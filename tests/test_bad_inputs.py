@@ -413,6 +413,9 @@ def damage_export(folder: Path, how: str, exports):
         write(folder / "chatglm.generation.json", "{oops")
     elif how == "description lacks defaults":
         write(folder / "chatglm.generation.json", json.dumps({"generation": "chatglm2", "dtype": "float32"}))
+    elif how == "export of an earlier glm-tune":
+        info = json.loads((folder / "chatglm.generation.json").read_text(encoding="utf-8"))
+        write(folder / "chatglm.generation.json", json.dumps({**info, "format": "glm-tune step graph v1"}))
     elif how == "no tokenizer":
         (folder / "tokenizer.model").unlink()
     elif how == "no onnx graph":
@@ -432,6 +435,8 @@ INFER_DAMAGE = [
     ("truncated onnx graph", [], r"ONNX Runtime cannot load .*chatglm\.onnx .*truncated or damaged; export the model"),
     ("invalid description", [], r"chatglm\.generation\.json is not a valid export description"),
     ("description lacks defaults", [], r"chatglm\.generation\.json lacks defaults"),
+    ("export of an earlier glm-tune", [], r"describes a step graph from an earlier glm-tune \('glm-tune step graph "
+                                          r"v1'.*it returned the whole cache at every step\); export the model again"),
     ("no tokenizer", [], r"has no tokenizer\.model .*or export the model again"),
 ]
 

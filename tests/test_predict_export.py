@@ -14,6 +14,7 @@ import finetune_generation
 import infer_generation
 import predict_generation
 from data import Example, read_examples
+from glm_tune.glm_family import get_generation
 from glm_tune.model_loading import load_model, load_tokenizer
 from glm_tune.conversion.tp_merge import ShardMergeError, merge_tp_shards
 
@@ -247,3 +248,43 @@ def test_weight_only_quantization_keeps_the_demo_models_answers(tiny_dir, demo_d
     for precision, bound in (("int8", 0.5), ("int4", 1.5)):
         for metric, value in scores[precision].items():
             assert abs(value - scores["fp32"][metric]) <= bound, (precision, metric, value, scores["fp32"][metric])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["chatglm2", "chatglm3"])
+def test_step_graph_reads_the_cache_where_it_lies(model_type, exported, tmp_path):
+    """In ONNX Runtime's optimized ChatGLM2/3 graph the cache inputs feed only matmuls (and Shape): no concat,
+    transpose or copy of the whole cache per step; a step returns only its own columns, and the same step on a
+    cache with a masked unused tail gives the same logits as on the exact cache."""
+    import onnx
+    import onnxruntime as ort
+
+    from glm_tune.deployment.inference_engine import OnnxRuntimeEngine
+    from glm_tune.deployment.kv_cache import KVCache
+    from glm_tune.deployment.step_model import StepFeeds, append_step
+
+    folder = exported(model_type)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(folder / "chatglm.onnx"), options, providers=["CPUExecutionProvider"])
+    readers = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+               if any(name.startswith("cache_") for name in node.input)}
+    assert readers and readers <= {"MatMul", "FusedMatMul", "Shape"}, readers
+
+    config_class, _, tokenizer_class = get_generation(model_type).classes()
+    tokenizer = tokenizer_class.from_pretrained(str(folder))
+    engine = OnnxRuntimeEngine(folder, "chatglm")
+    feeds = StepFeeds(tokenizer, model_type, config_class.from_pretrained(str(folder)))
+    prompts = [tokenizer.encode("类型#裙*风格#复古")["input_ids"], tokenizer.encode("你好")["input_ids"]]
+    prefill = feeds.prefill(prompts)
+    logits, *new = engine(prefill)
+    assert all(column.shape[2] == prefill["input_ids"].shape[1] for column in new)
+    valid = append_step(feeds.cache, feeds.valid, new)
+    exact = KVCache([b[:, :, :feeds.cache.length] for b in feeds.cache.buffers], feeds.cache.length, 2)
+    assert feeds.cache.capacity > exact.capacity  # the first has an unused, masked tail
+    steps = [engine(feeds.next_feeds(valid, prefill["position_ids"][..., -1:], logits.argmax(-1), cache))
+             for cache in (feeds.cache, exact)]
+    assert all(column.shape[2] == 1 for column in steps[0][1:])
+    np.testing.assert_allclose(steps[0][0], steps[1][0], rtol=1e-5, atol=1e-5)

@@ -38,9 +38,11 @@ def read_description(model_path, model_prefix: str) -> dict:
                           "again") from None
     if missing:
         raise EngineError(f"{path} lacks {', '.join(missing)}; export the model again")
-    if "cache_k" in info.get("inputs", ()):
-        raise EngineError(f"{path} describes a step graph with one stacked cache, from an earlier glm-tune; export "
-                          "the model again (the graph now takes one cache per layer)")
+    from glm_tune.deployment.step_model import STEP_GRAPH_FORMAT
+
+    if info.get("format") != STEP_GRAPH_FORMAT:
+        raise EngineError(f"{path} describes a step graph from an earlier glm-tune ({info.get('format')!r}, not "
+                          f"{STEP_GRAPH_FORMAT!r}: it returned the whole cache at every step); export the model again")
     return info
 
 
@@ -164,24 +166,18 @@ class OnnxRuntimeEngine:
                               "or damaged; export the model again") from None
         self.names = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.ort_value = ort.OrtValue
 
     def __call__(self, feeds):
-        """(next_logits as numpy, *caches as OrtValues): the caches stay in onnxruntime's memory and go back in
-        as they came out, so a step does not copy the whole cache into numpy and back."""
+        """(next_logits, *the step's new keys and values) as numpy. Inputs are bound where they lie (no copy:
+        the host's cache buffers are read in place at every step)."""
         binding = self.session.io_binding()
         for name in self.names:
-            value = feeds[name]
-            if isinstance(value, self.ort_value):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         for name in self.outputs:
             binding.bind_output(name, "cpu")
         try:
             self.session.run_with_iobinding(binding)
-            logits, *caches = binding.get_outputs()
-            return (logits.numpy(), *caches)
+            return tuple(value.numpy() for value in binding.get_outputs())
         except Exception as err:
             raise EngineError(f"ONNX Runtime failed on {self.base} ({one_line(err)[:160]}); export the model "
                               "again") from None

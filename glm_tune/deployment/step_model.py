@@ -1,17 +1,20 @@
-"""One decoding step of a ChatGLM as a graph with the KV cache as explicit inputs and outputs.
+"""One decoding step of a ChatGLM as a graph that reads the KV cache as an input and returns only the new keys
+and values.
 
 The exported engine runs this step graph: a prefill call on the prompt with an empty cache, then one call per new
-token with the cache it returned. Compared with exporting `model.generate` (the whole loop in a static graph,
-~5x slower than dygraph on CPU as measured), each call does one token's work and the Python loop stays trivial.
+token. Compared with exporting `model.generate` (the whole loop in a static graph, ~5x slower than dygraph on CPU
+as measured), each call does one token's work and the Python loop stays trivial. The host keeps the cache
+(`kv_cache.KVCache`) and writes each step's new columns into it in place, so no step copies the whole cache:
+neither a past + new concatenation inside the graph nor a round trip through numpy.
 
 Graph inputs (all int64 but the caches):
   input_ids       [B, S]
   position_ids    [B, S]        v2/v3;  [B, 2, S] v1 (absolute, block)
-  attention_mask  [B, P+S]      v2/v3 (1 = real token);  [B, 1, S, P+S] v1 (1 = may attend)
-  cache_k_0, cache_v_0, …, cache_k_{L-1}, cache_v_{L-1}   [P, B, G, D] each (P = 0 at prefill)
-Graph outputs: next_logits [B, V] (last position), then each layer's key and value [P+S, B, G, D] in that order.
-One cache per layer, not a stacked [L, …] tensor: slicing a stacked input and stacking the output copied the
-whole cache twice more per step.
+  attention_mask  [B, C+S]      v2/v3 (1 = a real token);  [B, 1, S, C+S] v1 (1 = may attend)
+                  the first C columns are the cache's (its unused tail masked), the last S the step's tokens
+  cache_k_0, cache_v_0, …, cache_k_{L-1}, cache_v_{L-1}: the cache, C columns (C = 0 at prefill), one key and
+                  one value per layer: [B, G, C, D] v2/v3;  [C, B, H, D] v1 (PaddleNLP's own layout)
+Graph outputs: next_logits [B, V] (last position), then each layer's new key and value (S columns, same layout).
 `StepFeeds` builds these inputs for both the engine and the dygraph reference, from the same DataCollator batch.
 """
 import types
@@ -22,62 +25,109 @@ import paddle
 import paddle.nn.functional as F
 
 from data import DataCollator
+from glm_tune.errors import GlmTuneError
+from glm_tune.deployment.kv_cache import KVCache, widen
+
+STEP_GRAPH_FORMAT = "glm-tune step graph v2"  # v2: the cache is an input only; the graph returns new columns
+TIME_AXIS = {"chatglm": 0, "chatglm2": 2, "chatglm3": 2}
 
 
 class GenerationStep(paddle.nn.Layer):
-    """Wraps a PaddleNLP ChatGLM so one call maps (tokens, positions, mask, cache) to (next logits, cache).
-    ChatGLM2/3's attention is swapped for `grouped_query_attention` in the wrapped model (export only)."""
+    """Wraps a PaddleNLP ChatGLM so one call maps (tokens, positions, mask, cache) to (next logits, new keys and
+    values). ChatGLM2/3 run `lean_attention` in the wrapped model (export only)."""
 
     def __init__(self, model, generation: str):
         super().__init__()
         self.model = model
         self.generation = generation
         self.num_layers = model.config.num_hidden_layers
-        if generation != "chatglm" and model.config.tensor_parallel_degree <= 1:
+        if generation != "chatglm":
+            if getattr(model.config, "use_long_sequence_strategies", False):
+                raise GlmTuneError("PaddleNLP's use_long_sequence_strategies models cannot be exported yet; "
+                                   "ChatGLM3-6B-32K's rope_ratio is supported without it")
             for layer in model.chatglm_v2.encoder.layers:
-                layer.self_attention.forward = types.MethodType(grouped_query_attention, layer.self_attention)
+                layer.self_attention.forward = types.MethodType(lean_attention, layer.self_attention)
 
     def forward(self, input_ids, position_ids, attention_mask, caches):
-        past = tuple((caches[2 * i], caches[2 * i + 1]) for i in range(self.num_layers))
+        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.num_layers)]
         if self.generation == "chatglm":
             logits, rest = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                      cache=past, use_cache=True, return_dict=False)
-            presents = rest[0]
-            next_logits = logits[:, -1, :].astype("float32")
-        else:
-            # the vocabulary projection for the last position only: PaddleNLP's ChatGLMv2 ignores
-            # return_last_logit and would project every prompt position at prefill (S x 65024 x hidden)
-            hidden, presents = self.model.chatglm_v2(input_ids=input_ids, position_ids=position_ids,
-                                                     attention_mask=attention_mask, past_key_values=past,
-                                                     use_cache=True, return_dict=False)[:2]
-            # its hidden states are [S, B, H]; the output layer returns [B, S', V]
-            next_logits = self.model.chatglm_v2.output_layer(hidden[-1:])[:, 0, :].astype("float32")
-        return (next_logits, *[tensor for present in presents for tensor in present[:2]])
+                                      cache=tuple(past), use_cache=True, return_dict=False)
+            # PaddleNLP's ChatGLM-6B attention returns past + new; the host keeps the past already
+            start = caches[0].shape[0]
+            new = [tensor[start:] for present in rest[0] for tensor in present[:2]]
+            return (logits[:, -1, :].astype("float32"), *new)
+        hidden, presents = chatglm2_step(self.model.chatglm_v2, input_ids, position_ids, attention_mask, past)
+        # the vocabulary projection for the last position only (S x 65024 x hidden at prefill otherwise);
+        # hidden states are [S, B, H], the output layer returns [B, S', V]
+        next_logits = self.model.chatglm_v2.output_layer(hidden[-1:])[:, 0, :].astype("float32")
+        return (next_logits, *[tensor for present in presents for tensor in present])
 
 
-def grouped_query_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache=None, use_cache=True,
-                            output_attentions=False):
-    """PaddleNLP's ChatGLMv2 SelfAttention.forward for the step graph, the same arithmetic in the same order,
-    but each key/value group serves its query heads through a reshape instead of PaddleNLP's `tile`, which
-    copied the whole cache once per query head of the group at every step (4x for 8 heads in 2 groups)."""
-    from paddlenlp.transformers.chatglm_v2.modeling import apply_rotary_pos_emb
+def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
+    """PaddleNLP's ChatGLMv2Model.forward for a cache of C columns read as [B, G, C, D]: the same embedding,
+    mask rule (a cache column where the row's mask says real, the step's own tokens causally), rotary table and
+    encoder; the rotary factors are built once per step for every layer (`rotary_factors`)."""
+    steps = input_ids.shape[1]
+    hidden = core.embedding(input_ids)  # [S, B, H]
+    causal = paddle.tril(paddle.ones([steps, steps])).astype("bool")
+    seen = paddle.concat([paddle.ones([steps, past[0][0].shape[2]], dtype="bool"), causal], axis=-1)
+    mask = seen.unsqueeze([0, 1]) & attention_mask.astype("bool").unsqueeze([1, 2])  # [B, 1, S, C+S]
+    table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
+    hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=rotary_factors(table, core.config.kv_channels),
+                                    kv_caches=past, use_cache=True)[:2]
+    return hidden, presents
 
+
+def rotary_factors(table, dim: int):
+    """(cos, sin, swap) such that rotary(x) = x * cos + (x @ swap) * sin for x [S, B, heads, dim]: PaddleNLP's
+    apply_rotary_pos_emb (pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) on the first 2R channels, the rest passed
+    through) in three ops per tensor instead of ~15, and bit for bit the same: `swap` maps each pair to
+    (-x1, x0) and is zero on the passed channels, where cos is 1 and sin 0."""
+    cos, sin = table[..., 0], table[..., 1]  # [S, B, R]
+    pairs = cos.shape[-1]
+    rest = dim - 2 * pairs
+    shape = [0, 0, 1, 2 * pairs]
+    cos = paddle.stack([cos, cos], axis=-1).reshape(shape)
+    sin = paddle.stack([sin, sin], axis=-1).reshape(shape)
+    if rest:
+        cos = paddle.concat([cos, paddle.ones_like(cos[..., :1]).expand([-1, -1, -1, rest])], axis=-1)
+        sin = paddle.concat([sin, paddle.zeros_like(sin[..., :1]).expand([-1, -1, -1, rest])], axis=-1)
+    swap = np.zeros((dim, dim), dtype="float32")
+    for i in range(pairs):
+        swap[2 * i + 1, 2 * i], swap[2 * i, 2 * i + 1] = -1.0, 1.0
+    return cos, sin, paddle.to_tensor(swap, dtype=cos.dtype)
+
+
+def apply_rotary(x, factors):
+    cos, sin, swap = factors
+    return x * cos + paddle.matmul(x, swap) * sin
+
+
+def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache=None, use_cache=True,
+                   output_attentions=False):
+    """PaddleNLP's ChatGLMv2 SelfAttention.forward for the step graph with the same arithmetic, but:
+    each key/value group serves its query heads through a reshape (PaddleNLP `tile`s the cache to every head);
+    the cache [B, G, C, D] is read where it lies: scores against it and against the step's own keys are
+    computed apart and the context sums the two parts, so nothing concatenates or transposes the cache;
+    only the step's keys and values are returned ([B, G, S, D])."""
     heads, groups = self.num_attention_heads_per_partition, self.num_multi_query_groups_per_partition
     dim, core = self.hidden_size_per_attention_head, self.core_attention
     query, key, value = self.query_key_value(hidden_states).split([heads * dim, groups * dim, groups * dim], axis=-1)
-    query = apply_rotary_pos_emb(query.reshape([0, 0, heads, dim]), rotary_pos_emb)  # [S, B, heads, dim]
-    key = apply_rotary_pos_emb(key.reshape([0, 0, groups, dim]), rotary_pos_emb)
-    value = value.reshape([0, 0, groups, dim])
-    if kv_cache is not None:
-        key, value = paddle.concat((kv_cache[0], key), axis=0), paddle.concat((kv_cache[1], value), axis=0)
+    query = apply_rotary(query.reshape([0, 0, heads, dim]), rotary_pos_emb)  # [S, B, heads, dim]
+    key = apply_rotary(key.reshape([0, 0, groups, dim]), rotary_pos_emb).transpose([1, 2, 0, 3])  # [B, G, S, D]
+    value = value.reshape([0, 0, groups, dim]).transpose([1, 2, 0, 3])
+    past_key, past_value = kv_cache
+    cached = past_key.shape[2]
     # [B, groups, heads/groups * S, dim]: query head h belongs to group h // (heads / groups), as tile ordered them
     grouped = query.transpose([1, 2, 0, 3]).reshape([0, groups, -1, dim])
-    scores = paddle.matmul(grouped, key.transpose([1, 2, 3, 0])) * (1.0 / core.norm_factor)
-    scores = scores.reshape([0, heads, -1, 0]).astype("float32")  # [B, heads, S, T]
+    scores = paddle.concat([paddle.matmul(grouped, past_key, transpose_y=True),
+                            paddle.matmul(grouped, key, transpose_y=True)], axis=-1) * (1.0 / core.norm_factor)
+    scores = scores.reshape([0, heads, -1, 0]).astype("float32")  # [B, heads, S, C+S]
     if core.coeff is not None:
         scores = scores * core.coeff
-    probs = F.softmax(scores + attention_mask, axis=-1).astype(query.dtype)
-    context = paddle.matmul(probs.reshape([0, groups, -1, 0]), value.transpose([1, 2, 0, 3]))
+    probs = F.softmax(scores + attention_mask, axis=-1).astype(query.dtype).reshape([0, groups, -1, 0])
+    context = paddle.matmul(probs[:, :, :, :cached], past_value) + paddle.matmul(probs[:, :, :, cached:], value)
     context = context.reshape([0, heads, -1, dim]).transpose([2, 0, 1, 3]).reshape([0, 0, heads * dim])
     return self.dense(context), ((key, value) if use_cache else None)
 
@@ -96,53 +146,74 @@ def input_specs(config, generation: str, dtype: str = "float32"):
     if generation == "chatglm":
         pos, mask = InputSpec([None, 2, None], "int64", "position_ids"), InputSpec([None, 1, None, None], "int64",
                                                                                     "attention_mask")
+        cache = [None, None, heads, dim]
     else:
         pos, mask = InputSpec([None, None], "int64", "position_ids"), InputSpec([None, None], "int64",
                                                                                 "attention_mask")
+        cache = [None, heads, None, dim]
     return [InputSpec([None, None], "int64", "input_ids"), pos, mask,
-            [InputSpec([None, None, heads, dim], dtype, name) for name in cache_names(layers)]]
+            [InputSpec(cache, dtype, name) for name in cache_names(layers)]]
 
 
 def cache_names(layers: int) -> list:
-    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs, in the order its outputs return them."""
+    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs (its outputs new_k_0, … in the same order)."""
     return [f"cache_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
 
 
+def new_cache_names(layers: int) -> list:
+    return [f"new_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
+
+
 class StepFeeds:
-    """Inputs of the step graph for a batch of prompts, advanced one token at a time (numpy, no framework)."""
+    """Inputs of the step graph for a batch of prompts, advanced one token at a time (numpy, no framework).
+    After `prefill`, `cache` holds the batch's keys and values and `valid` [B, cache.length] marks its real
+    columns; `advance` writes a step's new columns into the cache and returns the next step's inputs."""
 
     def __init__(self, tokenizer, generation: str, config, dtype: str = "float32"):
         self.collator = DataCollator(tokenizer, generation)
         self.generation = generation
         self.layers, self.heads, self.dim = cache_shape(config, generation)
         self.dtype = dtype
+        self.time_axis = TIME_AXIS[generation]
         self.cache_names = cache_names(self.layers)
+
+    def empty_cache(self, size: int) -> KVCache:
+        return KVCache.empty(self.layers, size, self.heads, self.dim, self.dtype, self.time_axis)
 
     def prefill(self, prompts) -> Dict[str, np.ndarray]:
         batch = self.collator([{"input_ids": p} for p in prompts])
-        size = len(prompts)
-        empty = np.zeros((0, size, self.heads, self.dim), dtype=self.dtype)
+        self.cache = self.empty_cache(len(prompts))
         feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                 "attention_mask": batch["attention_mask"], **{name: empty for name in self.cache_names}}
+                 "attention_mask": batch["attention_mask"], **dict(zip(self.cache_names, self.cache.buffers))}
         # Columns each row may attend to: its real tokens (v1's last prompt row sees exactly those).
         self.valid = batch["attention_mask"] if self.generation != "chatglm" else batch["attention_mask"][:, 0, -1, :]
         return feeds
 
-    def advance(self, feeds, next_tokens: np.ndarray, caches) -> Dict[str, np.ndarray]:
-        """The next step's inputs: the chosen tokens and the caches the last step returned (in graph order)."""
-        self.valid = np.concatenate([self.valid, np.ones((len(next_tokens), 1), dtype="int64")], axis=1)
-        return self.next_feeds(self.valid, feeds["position_ids"][..., -1:], next_tokens, caches)
+    def advance(self, feeds, next_tokens: np.ndarray, new_columns) -> Dict[str, np.ndarray]:
+        """The next step's inputs: the chosen tokens, and the cache with the new columns the last step returned
+        (in graph order) written in."""
+        self.valid = append_step(self.cache, self.valid, new_columns)
+        return self.next_feeds(self.valid, feeds["position_ids"][..., -1:], next_tokens, self.cache)
 
     def next_feeds(self, valid: np.ndarray, last_positions: np.ndarray, next_tokens: np.ndarray,
-                   caches) -> Dict[str, np.ndarray]:
-        """Inputs of a one-token step for rows whose cache columns (the new token's included) are `valid` [B, T]
-        and whose last positions were `last_positions` ([B, 1], or [B, 2, 1] for v1)."""
+                   cache: KVCache) -> Dict[str, np.ndarray]:
+        """Inputs of a one-token step for rows whose cache columns are `valid` [B, cache.length] and whose last
+        positions were `last_positions` ([B, 1], or [B, 2, 1] for v1)."""
         size = len(next_tokens)
+        columns = np.concatenate([widen(valid, cache.capacity), np.ones((size, 1), dtype=valid.dtype)], axis=1)
         if self.generation == "chatglm":
             position = last_positions.copy()
             position[:, 1] += 1  # the absolute position stays at [gMASK]; the block position counts on
-            mask = valid[:, None, None, :]
+            mask = columns[:, None, None, :]
         else:
-            position, mask = last_positions + 1, valid
+            position, mask = last_positions + 1, columns
         return {"input_ids": np.asarray(next_tokens).reshape(size, 1).astype("int64"), "position_ids": position,
-                "attention_mask": mask, **dict(zip(self.cache_names, caches))}
+                "attention_mask": mask, **dict(zip(self.cache_names, cache.buffers))}
+
+
+def append_step(cache: KVCache, valid: np.ndarray, new_columns) -> np.ndarray:
+    """Write a step's new keys and values into `cache`; the mask of real columns grows with them (a decode
+    step's token is real; a prefill's columns were marked by its prompt mask already)."""
+    cache.append(new_columns)
+    added = cache.length - valid.shape[1]
+    return np.concatenate([valid, np.ones((len(valid), added), dtype=valid.dtype)], axis=1) if added else valid

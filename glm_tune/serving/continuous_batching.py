@@ -5,7 +5,7 @@ Every row keeps exactly the cache columns, positions and mask it would have alon
 left-padded with masked cache columns (as DataCollator left-pads prompts), so greedy answers equal one-by-one
 answers. Work per engine call: newcomers are prefilled together (one call), then merged into the batch; otherwise
 the whole batch decodes one token (one call). Merging and dropping rows copy the caches; plain decode steps do not
-(an ONNX Runtime engine keeps them as OrtValues).
+(the step graph returns only the new columns, written into the batch's cache in place).
 """
 import logging
 import queue
@@ -16,7 +16,9 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from glm_tune.deployment.kv_cache import KVCache, widen
 from glm_tune.deployment.predictor import choose_next
+from glm_tune.deployment.step_model import append_step
 
 logger = logging.getLogger(__name__)
 
@@ -57,31 +59,24 @@ class ServerBusy(Exception):
     """The waiting queue is full."""
 
 
-def to_numpy(value) -> np.ndarray:
-    """A cache as a numpy array (ONNX Runtime returns OrtValues)."""
-    return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
-
-
 class RunningBatch:
-    """The rows being decoded and their shared step state: `valid` [B, T] marks each row's real cache columns,
-    `positions` the last position of each row, `next_tokens` what each row feeds next, `caches` [T, B, G, D]."""
+    """The rows being decoded and their shared step state: `valid` [B, T] marks each row's real cache columns
+    (T = cache.length), `positions` the last position of each row, `next_tokens` what each row feeds next."""
 
-    def __init__(self, requests, valid, positions, next_tokens, caches):
+    def __init__(self, requests, valid, positions, next_tokens, cache: KVCache):
         self.requests, self.valid, self.positions = list(requests), valid, positions
-        self.next_tokens, self.caches = np.asarray(next_tokens, dtype="int64"), list(caches)
+        self.next_tokens, self.cache = np.asarray(next_tokens, dtype="int64"), cache
 
     def __len__(self):
         return len(self.requests)
 
     def merge(self, other: "RunningBatch") -> "RunningBatch":
-        """Both batches as one: the shorter one's caches get masked columns in front."""
-        width = max(self.valid.shape[1], other.valid.shape[1])
-        caches = [np.concatenate([_pad_front(to_numpy(a), width), _pad_front(to_numpy(b), width)], axis=1)
-                  for a, b in zip(self.caches, other.caches)]
-        valid = np.concatenate([_pad_front(self.valid.T, width).T, _pad_front(other.valid.T, width).T], axis=0)
+        """Both batches as one: each row keeps its columns from the first, the shorter side's tail is masked."""
+        cache = self.cache.merge(other.cache)
+        valid = np.concatenate([widen(self.valid, cache.length), widen(other.valid, cache.length)], axis=0)
         return RunningBatch(self.requests + other.requests, valid,
                             np.concatenate([self.positions, other.positions]),
-                            np.concatenate([self.next_tokens, other.next_tokens]), caches)
+                            np.concatenate([self.next_tokens, other.next_tokens]), cache)
 
     def keep(self, rows: List[int]) -> Optional["RunningBatch"]:
         """Only `rows`, without the cache columns none of them uses any more (None when no row is left)."""
@@ -89,17 +84,8 @@ class RunningBatch:
             return None
         valid = self.valid[rows]
         unused = int(np.argmax(valid.any(axis=0)))  # leading columns masked in every row left
-        caches = [to_numpy(c)[unused:, rows] for c in self.caches]
         return RunningBatch([self.requests[i] for i in rows], valid[:, unused:], self.positions[rows],
-                            self.next_tokens[rows], caches)
-
-
-def _pad_front(array: np.ndarray, width: int) -> np.ndarray:
-    """Zeros in front along axis 0 up to `width` rows."""
-    missing = width - array.shape[0]
-    if missing == 0:
-        return array
-    return np.concatenate([np.zeros((missing, *array.shape[1:]), dtype=array.dtype), array], axis=0)
+                            self.next_tokens[rows], self.cache.select(rows, unused))
 
 
 class Scheduler:
@@ -174,19 +160,21 @@ class Scheduler:
 
     def _prefill(self, requests: List[Request]) -> None:
         feeds = self.feeds.prefill([r.prompt_ids for r in requests])
-        logits, *caches = self._run(feeds)
+        logits, *new_columns = self._run(feeds)
         chosen = self._choose(logits, requests)
-        newcomers = RunningBatch(requests, self.feeds.valid, feeds["position_ids"][..., -1:], chosen, caches)
+        cache = self.feeds.cache
+        valid = append_step(cache, self.feeds.valid, new_columns)
+        newcomers = RunningBatch(requests, valid, feeds["position_ids"][..., -1:], chosen, cache)
         self._deliver(newcomers)
         self.batch = newcomers if self.batch is None else self.batch.merge(newcomers)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.batch))
 
     def _decode(self) -> None:
         batch = self.batch
-        valid = np.concatenate([batch.valid, np.ones((len(batch), 1), dtype="int64")], axis=1)
-        feeds = self.feeds.next_feeds(valid, batch.positions, batch.next_tokens, batch.caches)
-        logits, *caches = self._run(feeds)
-        batch.valid, batch.positions, batch.caches = valid, feeds["position_ids"][..., -1:], caches
+        feeds = self.feeds.next_feeds(batch.valid, batch.positions, batch.next_tokens, batch.cache)
+        logits, *new_columns = self._run(feeds)
+        batch.valid = append_step(batch.cache, batch.valid, new_columns)
+        batch.positions = feeds["position_ids"][..., -1:]
         batch.next_tokens = self._choose(logits, batch.requests)
         self._deliver(batch)
 
