@@ -14,7 +14,6 @@ within this one run: absolute figures move from machine to machine.
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,6 +88,7 @@ def measure_system(system: str, folder: Path, args) -> dict:
     from paddlenlp.transformers import AutoConfig, AutoTokenizer
 
     from glm_tune.deployment.step_model import StepFeeds
+    from glm_tune.process_memory import peak_rss_mb
 
     tokenizer, config = AutoTokenizer.from_pretrained(str(folder)), AutoConfig.from_pretrained(str(folder))
     generation = "chatglm2"
@@ -117,7 +117,7 @@ def measure_system(system: str, folder: Path, args) -> dict:
     batch = prompts_of(args.contexts[0], config.vocab_size, count=8)
     first, rest = greedy(batch)
     result["batch8_tok_s"] = 8 * (args.new_tokens - 1) / rest
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()  # VmHWM: ru_maxrss would report the parent after exec
     return result
 
 

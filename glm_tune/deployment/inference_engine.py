@@ -168,16 +168,10 @@ class OnnxRuntimeEngine:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feeds):
-        """(next_logits, *the step's new keys and values) as numpy. Inputs are bound where they lie (no copy:
-        the host's cache buffers are read in place at every step)."""
-        binding = self.session.io_binding()
-        for name in self.names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        for name in self.outputs:
-            binding.bind_output(name, "cpu")
+        """(next_logits, *the step's new keys and values) as numpy. onnxruntime reads contiguous numpy inputs
+        where they lie, so the host's cache buffers are not copied at a step."""
         try:
-            self.session.run_with_iobinding(binding)
-            return tuple(value.numpy() for value in binding.get_outputs())
+            return tuple(self.session.run(self.outputs, {name: feeds[name] for name in self.names}))
         except Exception as err:
             raise EngineError(f"ONNX Runtime failed on {self.base} ({one_line(err)[:160]}); export the model "
                               "again") from None

@@ -114,6 +114,15 @@ def constants_as_initializers(serialized: bytes) -> bytes:
     return model.SerializeToString()
 
 
+def converter_constant_matmuls(model) -> list:
+    """MatMul nodes whose constant operand paddle2onnx made (named p2o.*), not one of the model's weights: the
+    step graph's rotary pair swap ([dim, dim] of -1, 0, 1) must stay exact, and with int8 activations
+    (accuracy_level 4) a quantized rotary would lose precision at every layer."""
+    made = {i.name for i in model.graph.initializer if i.name.startswith("p2o.")}
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1:2] and
+            node.input[1] in made]
+
+
 def quantize_weights(onnx_file: Path, out_file: Path, quantization: str) -> dict:
     """A weight-only quantized copy of `onnx_file` (every MatMul with a constant weight becomes MatMulNBits);
     returns its description for PREFIX.generation.json."""
@@ -124,7 +133,8 @@ def quantize_weights(onnx_file: Path, out_file: Path, quantization: str) -> dict
     # accuracy_level must be set in the config: the quantizer's own argument of that name is not carried over
     config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
                                           bits=bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(onnx_file)), algo_config=config)
+    model = onnx.load(str(onnx_file))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=converter_constant_matmuls(model))
     quantizer.process()
     quantized = sum(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node)
     if not quantized:

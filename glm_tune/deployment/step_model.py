@@ -45,8 +45,14 @@ class GenerationStep(paddle.nn.Layer):
             if getattr(model.config, "use_long_sequence_strategies", False):
                 raise GlmTuneError("PaddleNLP's use_long_sequence_strategies models cannot be exported yet; "
                                    "ChatGLM3-6B-32K's rope_ratio is supported without it")
-            for layer in model.chatglm_v2.encoder.layers:
+            encoder = model.chatglm_v2.encoder
+            for layer in encoder.layers:
                 layer.self_attention.forward = types.MethodType(lean_attention, layer.self_attention)
+            if model.config.rmsnorm:
+                norms = [encoder.final_layernorm] if getattr(encoder, "post_layer_norm", True) else []
+                for norm in norms + [n for layer in encoder.layers
+                                     for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+                    norm.forward = types.MethodType(fusable_rms_norm, norm)
 
     def forward(self, input_ids, position_ids, attention_mask, caches):
         past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.num_layers)]
@@ -74,9 +80,18 @@ def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
     seen = paddle.concat([paddle.ones([steps, past[0][0].shape[2]], dtype="bool"), causal], axis=-1)
     mask = seen.unsqueeze([0, 1]) & attention_mask.astype("bool").unsqueeze([1, 2])  # [B, 1, S, C+S]
     table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
-    hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=rotary_factors(table, core.config.kv_channels),
-                                    kv_caches=past, use_cache=True)[:2]
+    # the rotary factors and the cache length travel to every layer in the rotary argument: computed once, not
+    # once per layer (a length read per layer is ~8 more graph nodes each)
+    step = (*rotary_factors(table, core.config.kv_channels), past[0][0].shape[2])
+    hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=step, kv_caches=past, use_cache=True)[:2]
     return hidden, presents
+
+
+def fusable_rms_norm(self, hidden_states):
+    """PaddleNLP's ChatGLMv2 RMSNorm written x / sqrt(mean(x^2) + eps) * weight, the form ONNX Runtime fuses into
+    one SimplifiedLayerNormalization node (PaddleNLP's rsqrt(...) * x exports as 7 nodes it does not fuse)."""
+    variance = hidden_states.astype("float32").pow(2).mean(-1, keepdim=True)
+    return (hidden_states / paddle.sqrt(variance + self.epsilon) * self.weight).astype(hidden_states.dtype)
 
 
 def rotary_factors(table, dim: int):
@@ -99,8 +114,8 @@ def rotary_factors(table, dim: int):
     return cos, sin, paddle.to_tensor(swap, dtype=cos.dtype)
 
 
-def apply_rotary(x, factors):
-    cos, sin, swap = factors
+def apply_rotary(x, step):
+    cos, sin, swap = step[:3]
     return x * cos + paddle.matmul(x, swap) * sin
 
 
@@ -118,7 +133,7 @@ def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache
     key = apply_rotary(key.reshape([0, 0, groups, dim]), rotary_pos_emb).transpose([1, 2, 0, 3])  # [B, G, S, D]
     value = value.reshape([0, 0, groups, dim]).transpose([1, 2, 0, 3])
     past_key, past_value = kv_cache
-    cached = past_key.shape[2]
+    cached = rotary_pos_emb[3]  # the cache's length, read once per step (chatglm2_step)
     # [B, groups, heads/groups * S, dim]: query head h belongs to group h // (heads / groups), as tile ordered them
     grouped = query.transpose([1, 2, 0, 3]).reshape([0, groups, -1, dim])
     scores = paddle.concat([paddle.matmul(grouped, past_key, transpose_y=True),
