@@ -82,7 +82,9 @@ def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
     table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
     # the rotary factors and the cache length travel to every layer in the rotary argument: computed once, not
     # once per layer (a length read per layer is ~8 more graph nodes each)
-    step = (*rotary_factors(table, core.config.kv_channels), past[0][0].shape[2])
+    config = core.config
+    heads, groups = config.num_attention_heads, config.multi_query_group_num
+    step = (*rotary_factors(table, config.kv_channels, heads + groups, groups), past[0][0].shape[2])
     hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=step, kv_caches=past, use_cache=True)[:2]
     return hidden, presents
 
@@ -94,24 +96,26 @@ def fusable_rms_norm(self, hidden_states):
     return (hidden_states / paddle.sqrt(variance + self.epsilon) * self.weight).astype(hidden_states.dtype)
 
 
-def rotary_factors(table, dim: int):
-    """(cos, sin, swap) such that rotary(x) = x * cos + (x @ swap) * sin for x [S, B, heads, dim]: PaddleNLP's
-    apply_rotary_pos_emb (pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) on the first 2R channels, the rest passed
-    through) in three ops per tensor instead of ~15, and bit for bit the same: `swap` maps each pair to
-    (-x1, x0) and is zero on the passed channels, where cos is 1 and sin 0."""
+def rotary_factors(table, dim: int, rotated: int, passed: int):
+    """(cos, sin, swap) such that rotary(x) = x * cos + (x @ swap) * sin for the fused query/key/value heads
+    x [S, B, rotated + passed, dim]: PaddleNLP's apply_rotary_pos_emb (pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)
+    on the first 2R channels, the rest passed through) on the first `rotated` heads (queries and keys) in four ops
+    per layer instead of ~30, and bit for bit the same: `swap` maps each pair to (-x1, x0) and is zero on the
+    passed channels, where cos is 1 and sin 0, as on the `passed` (value) heads."""
     cos, sin = table[..., 0], table[..., 1]  # [S, B, R]
     pairs = cos.shape[-1]
-    rest = dim - 2 * pairs
-    shape = [0, 0, 1, 2 * pairs]
-    cos = paddle.stack([cos, cos], axis=-1).reshape(shape)
-    sin = paddle.stack([sin, sin], axis=-1).reshape(shape)
-    if rest:
-        cos = paddle.concat([cos, paddle.ones_like(cos[..., :1]).expand([-1, -1, -1, rest])], axis=-1)
-        sin = paddle.concat([sin, paddle.zeros_like(sin[..., :1]).expand([-1, -1, -1, rest])], axis=-1)
-    swap = np.zeros((dim, dim), dtype="float32")
+    # constant matrices instead of expand / concat on dynamic shapes (each of those is a Shape-Max-Expand chain in
+    # ONNX): `spread` copies each pair's factor to both its channels, `keep` marks the rotated heads' channels
+    spread, keep, swap = (np.zeros((pairs, dim), "float32"), np.zeros((rotated + passed, dim), "float32"),
+                          np.zeros((dim, dim), "float32"))
+    keep[:rotated, :2 * pairs] = 1.0
     for i in range(pairs):
+        spread[i, 2 * i] = spread[i, 2 * i + 1] = 1.0
         swap[2 * i + 1, 2 * i], swap[2 * i, 2 * i + 1] = -1.0, 1.0
-    return cos, sin, paddle.to_tensor(swap, dtype=cos.dtype)
+    spread, keep, swap = (paddle.to_tensor(m, dtype=cos.dtype) for m in (spread, keep, swap))
+    cos = paddle.matmul(cos, spread).unsqueeze(2) * keep + (1.0 - keep)  # [S, B, heads, dim]
+    sin = paddle.matmul(sin, spread).unsqueeze(2) * keep
+    return cos, sin, swap
 
 
 def apply_rotary(x, step):
@@ -128,10 +132,9 @@ def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache
     only the step's keys and values are returned ([B, G, S, D])."""
     heads, groups = self.num_attention_heads_per_partition, self.num_multi_query_groups_per_partition
     dim, core = self.hidden_size_per_attention_head, self.core_attention
-    query, key, value = self.query_key_value(hidden_states).split([heads * dim, groups * dim, groups * dim], axis=-1)
-    query = apply_rotary(query.reshape([0, 0, heads, dim]), rotary_pos_emb)  # [S, B, heads, dim]
-    key = apply_rotary(key.reshape([0, 0, groups, dim]), rotary_pos_emb).transpose([1, 2, 0, 3])  # [B, G, S, D]
-    value = value.reshape([0, 0, groups, dim]).transpose([1, 2, 0, 3])
+    fused = self.query_key_value(hidden_states).reshape([0, 0, heads + 2 * groups, dim])
+    query, key, value = apply_rotary(fused, rotary_pos_emb).split([heads, groups, groups], axis=2)  # [S, B, n, D]
+    key, value = key.transpose([1, 2, 0, 3]), value.transpose([1, 2, 0, 3])  # [B, G, S, D]
     past_key, past_value = kv_cache
     cached = rotary_pos_emb[3]  # the cache's length, read once per step (chatglm2_step)
     # [B, groups, heads/groups * S, dim]: query head h belongs to group h // (heads / groups), as tile ordered them
