@@ -82,9 +82,10 @@ def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
     table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
     # the rotary factors and the cache length travel to every layer in the rotary argument: computed once, not
     # once per layer (a length read per layer is ~8 more graph nodes each)
-    config = core.config
-    heads, groups = config.num_attention_heads, config.multi_query_group_num
-    step = (*rotary_factors(table, config.kv_channels, heads + groups, groups), past[0][0].shape[2])
+    attention = core.encoder.layers[0].self_attention
+    heads, groups = attention.num_attention_heads_per_partition, attention.num_multi_query_groups_per_partition
+    step = (*rotary_factors(table, attention.hidden_size_per_attention_head, heads + groups, groups),
+            past[0][0].shape[2])
     hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=step, kv_caches=past, use_cache=True)[:2]
     return hidden, presents
 
