@@ -1,8 +1,9 @@
 """Continuous batching over an exported step graph: one thread owns the engine; requests join the running batch
 at the next step and leave it as soon as they finish or their client goes away.
 
-Every row keeps exactly the cache columns, positions and mask it would have alone: rows of different lengths are
-left-padded with masked cache columns (as DataCollator left-pads prompts), so greedy answers equal one-by-one
+Every row keeps exactly the cache columns, positions and mask it would have alone: prompts are left-padded with
+masked columns (as DataCollator does), and when batches merge, the shorter rows' unused tail columns are masked
+(attention does not depend on column order), so greedy answers equal one-by-one
 answers. Work per engine call: newcomers are prefilled together (one call), then merged into the batch; otherwise
 the whole batch decodes one token (one call). Merging and dropping rows copy the caches; plain decode steps do not
 (the step graph returns only the new columns, written into the batch's cache in place).
