@@ -1,6 +1,7 @@
 """Engines that run an exported step graph: ONNX Runtime (fp32, or weight-only int8/int4), Paddle Inference's C++
 predictor (the engine FastDeploy's Paddle backend wraps) and, where its runtime is installed, FastDeploy. Each
-is a callable feeds -> (logits, *the step's new keys and values). `choose_engine` picks one from what the export holds."""
+is a callable feeds -> (logits, *the step's new keys and values). `choose_engine` picks one from what the export
+holds."""
 import json
 from pathlib import Path
 
