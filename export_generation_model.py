@@ -22,7 +22,7 @@ from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapte
 from glm_tune.safe_output import OutputRefused, check_output_dir, read_owner
 from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
 from glm_tune.deployment.step_model import (STEP_GRAPH_FORMAT, TIME_AXIS, GenerationStep, cache_names, cache_shape,
-                                            input_specs, new_cache_names)
+                                            input_specs)
 from glm_tune.safe_output import atomic_folder, atomic_write_json
 
 COMMAND = "export_generation_model"
@@ -105,7 +105,7 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args, formats:
         "generation": generation,
         "dtype": dtype,
         "inputs": ["input_ids", "position_ids", "attention_mask"] + cache_names(layers),
-        "outputs": ["next_logits"] + new_cache_names(layers),
+        "outputs": ["next_logits"] + cache_names(layers, "new"),
         "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim, "time_axis": TIME_AXIS[generation],
                   "layout": "one key and one value per layer, each " + (
                       "[columns, batch, heads, dim]" if TIME_AXIS[generation] == 0 else "[batch, heads, columns, dim]"),

@@ -39,17 +39,17 @@ class KVCache:
         index[self.time_axis] = slice(start, stop)
         return tuple(index)
 
-    def _resized(self, array: np.ndarray, capacity: int) -> np.ndarray:
+    def _resized(self, array: np.ndarray, capacity: int, start: int = 0) -> np.ndarray:
+        """A copy of columns [start, length) of `array` at the front of `capacity` columns, zeros after."""
         shape = list(array.shape)
         shape[self.time_axis] = capacity
         grown = np.zeros(shape, dtype=array.dtype)
-        kept = min(self.length, capacity)
-        grown[self._columns(0, kept)] = array[self._columns(0, kept)]
+        grown[self._columns(0, self.length - start)] = array[self._columns(start, self.length)]
         return grown
 
     def append(self, new: Sequence) -> None:
         """Write the step graph's new keys and values (one per cache buffer, in graph order) after `length`."""
-        new = [np.asarray(value.numpy() if hasattr(value, "numpy") else value) for value in new]
+        new = [np.asarray(value) for value in new]
         if len(new) != len(self.buffers):
             raise ValueError(f"the step graph returned {len(new)} key/value tensors for {len(self.buffers)} "
                              "cache buffers")
@@ -67,10 +67,8 @@ class KVCache:
         index = [slice(None)] * 4
         index[self.batch_axis] = rows
         length = self.length - start
-        picked = [b[tuple(index)][self._columns(start, self.length)] for b in self.buffers]
-        cache = KVCache(picked, length, self.time_axis)
-        cache.buffers = [cache._resized(b, round_up(length)) for b in picked]
-        return cache
+        return KVCache([self._resized(b[tuple(index)], round_up(length), start) for b in self.buffers], length,
+                       self.time_axis)
 
     def merge(self, other: "KVCache") -> "KVCache":
         """Both batches' rows in one cache; each row keeps its columns from 0, the shorter side's tail is zeros
@@ -82,9 +80,9 @@ class KVCache:
         return KVCache(merged, length, self.time_axis)
 
 
-def widen(valid: np.ndarray, width: int) -> np.ndarray:
-    """A [B, T] mask of real cache columns, with masked (0) columns added at the end up to `width`."""
+def widen(valid: np.ndarray, width: int, fill: int = 0) -> np.ndarray:
+    """A [B, T] mask of real cache columns with columns of `fill` added at the end up to `width` (0: masked)."""
     missing = width - valid.shape[1]
     if missing <= 0:
         return valid
-    return np.concatenate([valid, np.zeros((len(valid), missing), dtype=valid.dtype)], axis=1)
+    return np.concatenate([valid, np.full((len(valid), missing), fill, dtype=valid.dtype)], axis=1)

@@ -74,18 +74,17 @@ def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
     """PaddleNLP's ChatGLMv2Model.forward for a cache of C columns read as [B, G, C, D]: the same embedding,
     mask rule (a cache column where the row's mask says real, the step's own tokens causally), rotary table and
     encoder; the rotary factors are built once per step for every layer (`rotary_factors`)."""
-    steps = input_ids.shape[1]
+    steps, cached = input_ids.shape[1], past[0][0].shape[2]
     hidden = core.embedding(input_ids)  # [S, B, H]
     causal = paddle.tril(paddle.ones([steps, steps])).astype("bool")
-    seen = paddle.concat([paddle.ones([steps, past[0][0].shape[2]], dtype="bool"), causal], axis=-1)
+    seen = paddle.concat([paddle.ones([steps, cached], dtype="bool"), causal], axis=-1)
     mask = seen.unsqueeze([0, 1]) & attention_mask.astype("bool").unsqueeze([1, 2])  # [B, 1, S, C+S]
     table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
     # the rotary factors and the cache length travel to every layer in the rotary argument: computed once, not
     # once per layer (a length read per layer is ~8 more graph nodes each)
     attention = core.encoder.layers[0].self_attention
     heads, groups = attention.num_attention_heads_per_partition, attention.num_multi_query_groups_per_partition
-    step = (*rotary_factors(table, attention.hidden_size_per_attention_head, heads + groups, groups),
-            past[0][0].shape[2])
+    step = (*rotary_factors(table, attention.hidden_size_per_attention_head, heads + groups, groups), cached)
     hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=step, kv_caches=past, use_cache=True)[:2]
     return hidden, presents
 
@@ -174,13 +173,10 @@ def input_specs(config, generation: str, dtype: str = "float32"):
             [InputSpec(cache, dtype, name) for name in cache_names(layers)]]
 
 
-def cache_names(layers: int) -> list:
-    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs (its outputs new_k_0, … in the same order)."""
-    return [f"cache_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
-
-
-def new_cache_names(layers: int) -> list:
-    return [f"new_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
+def cache_names(layers: int, prefix: str = "cache") -> list:
+    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs; with prefix "new", its outputs in the same
+    order."""
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
 
 
 class StepFeeds:
@@ -196,12 +192,9 @@ class StepFeeds:
         self.time_axis = TIME_AXIS[generation]
         self.cache_names = cache_names(self.layers)
 
-    def empty_cache(self, size: int) -> KVCache:
-        return KVCache.empty(self.layers, size, self.heads, self.dim, self.dtype, self.time_axis)
-
     def prefill(self, prompts) -> Dict[str, np.ndarray]:
         batch = self.collator([{"input_ids": p} for p in prompts])
-        self.cache = self.empty_cache(len(prompts))
+        self.cache = KVCache.empty(self.layers, len(prompts), self.heads, self.dim, self.dtype, self.time_axis)
         feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                  "attention_mask": batch["attention_mask"], **dict(zip(self.cache_names, self.cache.buffers))}
         # Columns each row may attend to: its real tokens (v1's last prompt row sees exactly those).
@@ -234,5 +227,4 @@ def append_step(cache: KVCache, valid: np.ndarray, new_columns) -> np.ndarray:
     """Write a step's new keys and values into `cache`; the mask of real columns grows with them (a decode
     step's token is real; a prefill's columns were marked by its prompt mask already)."""
     cache.append(new_columns)
-    added = cache.length - valid.shape[1]
-    return np.concatenate([valid, np.ones((len(valid), added), dtype=valid.dtype)], axis=1) if added else valid
+    return widen(valid, cache.length, fill=1)
