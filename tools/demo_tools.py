@@ -1,12 +1,13 @@
 """`make demo-tools`: ChatGLM3 tool use end to end on a tiny model, on CPU: tune, score, export, serve, call.
 
-    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 1000] [--lora False]
+    python tools/demo_tools.py --work_dir build/demo-tools [--max_steps 2000] [--nproc_per_node 2] [--lora False]
 
 Steps, each through the project's own scripts as a user runs them:
   1. tools/make_demo_data.py --kind tools   weather / calculator / unit-conversion conversations (zh + en)
   2. tools/make_tiny_model.py               a random tiny ChatGLM3 whose tokenizer also learned tool text
   3. finetune_generation.py                 dev tool-call accuracy of the untrained model
-  4. finetune_generation.py                 fine-tuning on the conversations, then the same scores
+  4. finetune_generation.py                 fine-tuning on the conversations (data parallel over --nproc_per_node
+                                            CPU processes through paddle.distributed.launch), then the same scores
   5. export_generation_model.py             the tuned model as a step graph (Paddle + ONNX)
   6. serve_generation.py + openai client    the model returns tool_calls; the client runs the tool, sends the
                                             result back as a `tool` message and prints the final answer
@@ -31,12 +32,16 @@ SCORES = ["tool-name-acc", "tool-args-em", "rouge-1", "bleu-4"]
 QUESTIONS = ["上海今天天气怎么样？", "What is 128 times 7?", "Convert 42 km to mile."]
 
 
+GLOBAL_BATCH = 16  # examples per training step, however many processes share it
+
+
 def finetune_args(model_dir, data_dir, output_dir, args) -> list:
     return ["finetune_generation.py", "--model_name_or_path", model_dir, "--task_name_or_path", data_dir,
             "--output_dir", output_dir, "--model_type", "chatglm3", "--src_length", "256", "--tgt_length", "64",
-            "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "25", "--do_eval",
-            "--do_generation", "True", "--max_eval_samples", str(args.eval_samples), "--disable_tqdm",
-            str(args.disable_tqdm), "--logging_steps", "20", "--report_to", "none", "--overwrite_output_dir", "True"]
+            "--per_device_train_batch_size", str(GLOBAL_BATCH // args.nproc_per_node),
+            "--per_device_eval_batch_size", "25", "--do_eval", "--do_generation", "True", "--max_eval_samples",
+            str(args.eval_samples), "--disable_tqdm", str(args.disable_tqdm), "--logging_steps", "20",
+            "--report_to", "none", "--overwrite_output_dir", "True"]
 
 
 def scores(output_dir: Path) -> dict:
@@ -74,7 +79,11 @@ def tool_round_trip(url: str, question: str) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="build/demo-tools", help="where data, models and outputs go")
-    parser.add_argument("--max_steps", type=int, default=1000, help="training steps (batch 16)")
+    parser.add_argument("--max_steps", type=int, default=2000, help=f"training steps (batch {GLOBAL_BATCH})")
+    parser.add_argument("--nproc_per_node", type=int, default=2, choices=[1, 2, 4, 8, 16],
+                        help=f"data-parallel CPU processes for fine-tuning (each takes {GLOBAL_BATCH} / N of a batch; "
+                             "Paddle's CPU training uses about one core per process)")
+    parser.add_argument("--num_train", type=int, default=4000, help="training conversations generated")
     parser.add_argument("--learning_rate", default="3e-3", help="peak learning rate")
     parser.add_argument("--lora", default="False", help="LoRA instead of full fine-tuning (True/False)")
     parser.add_argument("--eval_samples", type=int, default=100, help="dev conversations scored (each: a call "
@@ -89,13 +98,16 @@ def main(argv=None) -> dict:
     before_dir, out_dir, export_dir = work / "eval_before", work / "output", work / "infer"
     started = time.time()
 
-    run("1. tool-use data", ["tools/make_demo_data.py", "--output_dir", data_dir, "--kind", "tools", "--overwrite"])
+    run("1. tool-use data", ["tools/make_demo_data.py", "--output_dir", data_dir, "--kind", "tools",
+                                "--num_train", args.num_train, "--overwrite"])
     run("2. tiny ChatGLM3", ["tools/make_tiny_model.py", "--model_type", "chatglm3", "--output_dir", model_dir,
                              "--tokenizer_corpus", "adgen,tools", "--overwrite"])
     run("3. score the untrained model", finetune_args(model_dir, data_dir, before_dir, args))
-    run("4. fine-tune", finetune_args(model_dir, data_dir, out_dir, args) + [
+    launch = ["-m", "paddle.distributed.launch", "--nproc_per_node", args.nproc_per_node, "--log_dir",
+              work / "launch_logs"] if args.nproc_per_node > 1 else []
+    run("4. fine-tune", launch + finetune_args(model_dir, data_dir, out_dir, args) + [  # one eval: at the end
         "--do_train", "--max_steps", args.max_steps, "--learning_rate", args.learning_rate, "--warmup_steps", "20",
-        "--lora", args.lora, "--eval_steps", 10 * args.max_steps, "--save_steps", args.max_steps])  # one eval: at the end
+        "--lora", args.lora, "--eval_steps", 10 * args.max_steps, "--save_steps", args.max_steps])
     tuned = ["--model_name_or_path", model_dir, "--lora_path", out_dir] if args.lora == "True" else [
         "--model_name_or_path", out_dir]
     run("5. export", ["export_generation_model.py", *tuned, "--output_path", export_dir / "chatglm",

@@ -2,8 +2,8 @@
 whose right call and arguments follow from the prompt, for `tools/make_demo_data.py --kind tools`.
 
 Each record is THUDM's `conversations` format: the three tools, the user's question, the `tool` call with its
-observation, and the final answer that uses the observation; about one record in eight is small talk answered
-without a tool, so a model also learns when not to call one.
+observation, and the final answer that uses the observation; about one record in seven is small talk answered
+without a tool, so a model also learns when not to call one. Weather calls are three records in seven.
 """
 import random
 
@@ -68,7 +68,8 @@ def run_tool(name: str, arguments: dict):
 
 def tool_record(rng: random.Random) -> dict:
     """One conversation; its user prompt is unique enough to keep dev prompts out of train."""
-    kind = rng.choice(["weather", "math", "convert", "weather", "math", "convert", "chat"])
+    # weather weighs most: copying a name out of the prompt is what a small model learns last
+    kind = rng.choice(["weather", "weather", "weather", "math", "math", "convert", "chat"])
     english = rng.random() < 0.5
     if kind == "chat":
         question, answer = rng.choice([p for p in SMALL_TALK if (p[0].isascii()) == english] or SMALL_TALK)
