@@ -22,7 +22,7 @@ from data import (DataCollator, DataFormatError, cut_summary, get_prompt_format,
                   tokenize_example)
 from glm_tune.errors import run_cli
 from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
-                                           accuracy_metrics, argmax_logits, read_log_history, use_safe_visualdl,
+                                           accuracy_metrics, read_log_history, use_safe_visualdl,
                                            write_run_summary)
 from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_lengths,
                                     check_tensor_parallel, load_config, load_model, load_tokenizer,
@@ -204,7 +204,6 @@ def train_and_evaluate(model_args, data_args, training_args, generation, records
         tokenizer=tokenizer,
         data_collator=DataCollator(tokenizer, generation),
         compute_metrics=accuracy_metrics,
-        preprocess_logits_for_metrics=argmax_logits,
         generation_evaluator=evaluator,
         callbacks=[TrainingArtifactsCallback(training_args.output_dir),
                    ConsoleProgress(len(train_ds) if train_ds is not None else None)],

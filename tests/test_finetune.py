@@ -182,6 +182,27 @@ def test_tensor_parallel_two_cpu_processes_match_single_process(method, tiny_dir
 
 
 @pytest.mark.slow
+def test_data_parallel_evaluation_equals_the_single_process_one(tiny_dir, demo_data, tmp_path):
+    """Two data-parallel CPU ranks score the dev set as one process does. PaddleNLP gathers eval logits across
+    ranks before its preprocess hook, and ChatGLM3's logits are a non-contiguous view: gloo's all_gather refused
+    them at the first evaluation, after all the training before it."""
+    common = dict(do_train=False, do_eval=True, do_generation=True, max_eval_samples=8, per_device_eval_batch_size=2)
+    trained, single, dp = tmp_path / "trained", tmp_path / "single", tmp_path / "dp"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm3"), demo_data, trained))  # some tokens right
+    finetune_generation.main(finetune_argv(trained, demo_data, single, **common))
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(tmp_path / "launch_log"), str(ROOT / "finetune_generation.py"),
+           *finetune_argv(trained, demo_data, dp, **common)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "launch_log").glob("workerlog.*")))
+    assert proc.returncode == 0, logs
+    a, b = (json.loads((out / "metrics.json").read_text())["metrics"] for out in (single, dp))
+    assert a["eval_accuracy"] == pytest.approx(b["eval_accuracy"], abs=1e-6) and 0 < a["eval_accuracy"] < 1
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+    assert {k: a[k] for k in ("eval_rouge-1", "eval_bleu-4")} == {k: b[k] for k in ("eval_rouge-1", "eval_bleu-4")}
+
+
+@pytest.mark.slow
 def test_lora_tensor_parallel_run_resumes_from_its_merged_checkpoint(tiny_dir, demo_data, tmp_path):
     """PaddleNLP saves a TP LoRA checkpoint merged (one lora_model_state.pdparams, optimizer per shard); resuming
     both ranks from it must continue the run exactly."""

@@ -66,7 +66,14 @@ class GLMTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # ChatGLM-6B's forward returns a tuple holding a None cache unless asked for a dict, and PaddleNLP's
         # prediction_step cannot detach None; a model output drops None fields.
-        return super().prediction_step(model, {**inputs, "return_dict": True}, prediction_loss_only, ignore_keys)
+        loss, logits, labels = super().prediction_step(model, {**inputs, "return_dict": True}, prediction_loss_only,
+                                                       ignore_keys)
+        # PaddleNLP's evaluation loop gathers logits across data-parallel ranks *before* its
+        # preprocess_logits_for_metrics hook, so the ids are taken here: gathering whole logits moves a vocabulary
+        # per token, and ChatGLM2/3's are a transposed view that all_gather refuses ("must be contiguous").
+        if logits is not None:
+            logits = argmax_logits(logits, labels).contiguous()
+        return loss, logits, labels
 
     def _save_checkpoint(self, model, metrics=None):
         """PaddleNLP's save, then the completion marker, written last and once every rank has saved: a
