@@ -29,10 +29,8 @@ from tools.tool_use_data import TOOLS, run_tool  # noqa: E402
 
 COMMAND = "demo_tools"
 SCORES = ["tool-name-acc", "tool-args-em", "rouge-1", "bleu-4"]
-# Numbers within the data's range (a, value <= 99): the tiny model came back with 18 for 128, a length it never copied.
+# Numbers inside the data's range (1-99): asked 128 times 7, the tiny model called calculator(a=18, ...).
 QUESTIONS = ["上海今天天气怎么样？", "What is 64 times 7?", "Convert 42 km to mile."]
-
-
 GLOBAL_BATCH = 16  # examples per training step, however many processes share it
 
 
@@ -100,7 +98,7 @@ def main(argv=None) -> dict:
     started = time.time()
 
     run("1. tool-use data", ["tools/make_demo_data.py", "--output_dir", data_dir, "--kind", "tools",
-                                "--num_train", args.num_train, "--overwrite"])
+                             "--num_train", args.num_train, "--overwrite"])
     run("2. tiny ChatGLM3", ["tools/make_tiny_model.py", "--model_type", "chatglm3", "--output_dir", model_dir,
                              "--tokenizer_corpus", "adgen,tools", "--overwrite"])
     run("3. score the untrained model", finetune_args(model_dir, data_dir, before_dir, args))
