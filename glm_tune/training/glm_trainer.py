@@ -17,7 +17,7 @@ from utils import score_answers, token_accuracy
 logger = logging.getLogger(__name__)
 
 
-def argmax_logits(logits, labels):
+def argmax_logits(logits):
     """Keep only the argmax ids of eval logits: the full [batch, length, vocab] tensors of a 65k vocabulary
     would fill memory long before the dev set ends."""
     if isinstance(logits, (tuple, list)):
@@ -72,7 +72,7 @@ class GLMTrainer(Trainer):
         # preprocess_logits_for_metrics hook, so the ids are taken here: gathering whole logits moves a vocabulary
         # per token, and ChatGLM2/3's are a transposed view that all_gather refuses ("must be contiguous").
         if logits is not None:
-            logits = argmax_logits(logits, labels).contiguous()
+            logits = argmax_logits(logits).contiguous()
         return loss, logits, labels
 
     def _save_checkpoint(self, model, metrics=None):
