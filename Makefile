@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD ?= build
 PYTEST_ARGS ?=
+# The slowest tests of each suite are printed with its result, so a suite that grows slower is seen where it grew.
+DURATIONS := --durations=15
 
 AVENV := ascend/.venv
 APY := $(AVENV)/bin/python
@@ -35,17 +37,25 @@ $(ASTAMP): ascend/requirements.txt ascend/constraints.txt
 	$(APY) -m pip install --quiet --disable-pip-version-check -r ascend/requirements.txt -c ascend/constraints.txt
 	touch $(ASTAMP)
 
-# The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the siblings.
-test: test-main test-qlora test-ascend
+# The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the siblings. Every suite
+# runs even when an earlier one failed (one failure must not hide the others' results); the exit status is non-zero
+# if any failed, and the last line names them.
+test: $(STAMP) $(QSTAMP) $(ASTAMP)
+	@failed=""; \
+	for suite in test-main test-qlora test-ascend; do \
+	  $(MAKE) --no-print-directory $$suite || failed="$$failed $$suite"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: failed:$$failed"; exit 1; fi; \
+	echo "make test: all three suites passed"
 
 test-main: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(DURATIONS) $(PYTEST_ARGS) tests
 
 test-qlora: $(STAMP) $(QSTAMP)
-	$(QPY) -m pytest -q $(PYTEST_ARGS) qlora/tests
+	$(QPY) -m pytest -q $(DURATIONS) $(PYTEST_ARGS) qlora/tests
 
 test-ascend: $(STAMP) $(ASTAMP)
-	$(APY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) ascend/tests
+	$(APY) -m pytest -q -p no:cacheprovider $(DURATIONS) $(PYTEST_ARGS) ascend/tests
 
 # Everything but the tests marked slow.
 test-fast: $(STAMP) $(QSTAMP) $(ASTAMP)

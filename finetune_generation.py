@@ -160,9 +160,9 @@ def resume_checkpoint(training_args, output_state: str = "same_run"):
 def main(argv=None):
     """Run the job; returns (trainer, metrics) so tests can look inside."""
     console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
-    from glm_tune.training import tp_cpu_compat
+    from glm_tune.training import gloo_rendezvous, tp_cpu_compat
 
-    tp_cpu_compat.serialize_group_creation()  # before parsing: PaddleNLP's arguments start fleet (CPU, 2+ ranks)
+    gloo_rendezvous.install()  # before parsing: PaddleNLP's arguments start fleet (CPU, 2+ ranks)
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
     generation, run, output_state, records = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None

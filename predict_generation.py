@@ -44,11 +44,11 @@ def init_tensor_parallel() -> tuple:
         return 1, 0
     from paddle.distributed import fleet
 
-    from glm_tune.training import tp_cpu_compat
+    from glm_tune.training import gloo_rendezvous, tp_cpu_compat
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": world, "pp_degree": 1}
-    tp_cpu_compat.serialize_group_creation()
+    gloo_rendezvous.install()
     fleet.init(is_collective=True, strategy=strategy)
     tp_cpu_compat.install()
     return world, fleet.get_hybrid_communicate_group().get_model_parallel_rank()

@@ -13,6 +13,7 @@ import predict_generation
 from glm_tune.conversion.tp_merge import merge_tp_shards
 from glm_tune.model_loading import ConfigurationError, apply_lora, check_tensor_parallel, load_config, load_model, \
     load_tokenizer
+from glm_tune.training import gloo_rendezvous
 from glm_tune.tensor_parallel_layout import ReplicaMismatch, groups_of_rank, merge_qkv, split_qkv
 
 from .test_finetune import batch_logits, finetune_argv, losses
@@ -38,11 +39,12 @@ def tiny8(tmp_path_factory):
 
 # Gloo's rendezvous in this sandbox (gVisor) fails in about a third of the starts with more than 2 processes
 # ("pair.cc ... Connection refused" / "TIMEOUT" while Paddle creates its process groups): a fault of the transport,
-# reproduced with no code of this suite (new_group in a loop). Such starts, and only they, are retried.
+# reproduced with no code of this suite (tools/gloo_rendezvous_check.py). gloo_rendezvous cuts and retries such a
+# rendezvous inside the launch; a launch that still failed in gloo's start, and only such a launch, is run again.
 GLOO_START_FAILURES = ("gloo/transport/tcp/pair.cc", "gloo/transport/tcp/unbound_buffer.cc",
-                       "TCP connection reset by peer")
-RENDEZVOUS_RETRIED = "gloo process group: rendezvous failed"  # tp_cpu_compat re-created a group in this launch
-START_ATTEMPTS = 5
+                       "TCP connection reset by peer", "gloo could not connect a process group")
+RENDEZVOUS_RETRIED = gloo_rendezvous.RETRY_LOG  # a group of this launch was made again
+START_ATTEMPTS = 3
 
 
 def gloo_start_failure(logs: str) -> bool:
@@ -75,7 +77,7 @@ def launch(nproc, script, argv, log_dir, cwd, outputs=()):
            str(log_dir), str(ROOT / script), *map(str, argv)]
 
     def start():
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
         return proc.returncode == 0, worker_logs(log_dir) + f"\nlauncher exit {proc.returncode}:\n" + (
             proc.stdout + proc.stderr)[-1500:]
 
@@ -151,6 +153,27 @@ def test_layouts_refused_before_the_distributed_start():
         check_layout(2, "stage2", 4)
     check_layout(2, "stage1", 4)
     check_layout(4, "", 8)
+
+
+# ------------------------------------------------------------------------------------- gloo's rendezvous
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_arrives_is_cut_and_the_group_made_again(tmp_path):
+    """Process 2 never reaches gloo's rendezvous on its first attempt (it blocks on a socket of its own); the
+    others wait for its address. The attempt is cut at the rendezvous bound (15 s), logged, made again, and the
+    group then sums every rank's value: in under 30 s, against gloo's 150 s and the store's 900 s unbounded."""
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "3", "--log_dir",
+                           str(tmp_path / "log"), str(ROOT / "tools" / "gloo_rendezvous_check.py"), "--absent_rank",
+                           "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    logs = "".join(p.read_text(errors="replace") for p in sorted((tmp_path / "log").glob("workerlog.*")))
+    assert proc.returncode == 0, logs[-5000:] + proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in logs.splitlines() if line.startswith('{"rank"')]
+    assert sorted(r["rank"] for r in rows) == [0, 1, 2], logs
+    for row in rows:
+        assert row["ok"] and row["sum"] == 1 + 2 + 3, row
+        assert row["seconds"] < 30, row
+    assert "simulated: this process never arrived" in logs and RENDEZVOUS_RETRIED in logs
 
 
 # ------------------------------------------------------------------------------------- 4 CPU ranks (gloo)
@@ -264,7 +287,7 @@ def launch_two_nodes(script, argv, log_dir, cwd, outputs=(), nproc_per_node=2):
                    str(ROOT / script), *map(str, argv)]
             procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
-        outs = [p.communicate(timeout=900)[0] for p in procs]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
         return all(p.returncode == 0 for p in procs), "".join(o[-1500:] for o in outs) + worker_logs(log_dir)
 
     return with_start_retries(start, outputs, log_dir)

@@ -8,7 +8,6 @@ collectives. `install()` does nothing unless the process runs on CPU, so GPU and
 kernels. Correctness is checked by tests/test_tensor_parallel.py against the single-process model.
 """
 import logging
-import os
 
 import paddle
 import paddle.distributed as dist
@@ -138,74 +137,6 @@ def _broadcast_input_data(hcg, *inputs, **kwargs):
         return value
 
     return send(inputs), send(kwargs)
-
-
-# ------------------------------------------------------------------------------------- group creation
-
-
-_serialized = False
-GROUP_ATTEMPTS = 6
-
-
-def serialize_group_creation() -> bool:
-    """Create gloo process groups one at a time, every process arriving together, and retry a group whose
-    rendezvous failed. Why: in our CPU sandbox (gVisor) gloo's rendezvous failed in about a third of the starts
-    with 3+ processes ("pair.cc ... Connection refused" / "TIMEOUT"), with no code of this suite involved
-    (`new_group` in a loop reproduces it). Serialized (a store barrier before and after each `new_group`), 2-rank
-    groups connected 40 times of 40; larger groups still fail now and then, so a failed group is created again
-    under a fresh id (all ranks vote through the store; a half-made group is dropped from Paddle's maps first).
-    Every rank calls new_group for every group (Paddle counts group ids that way), so the barrier is safe.
-    CPU runs of 2+ processes only; call before fleet.init (PaddleNLP's TrainingArguments runs it)."""
-    global _serialized
-    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-    if _serialized or not _on_cpu() or world <= 1:
-        return False
-    from paddle.distributed import collective
-    from paddle.distributed.communication import group as group_registry
-
-    original, counter = collective.new_group, [0]
-
-    def store_sum(tag: str, value: int) -> int:
-        """Every rank adds `value`; returns the total once all ranks have added."""
-        store = collective._default_store
-        key = f"glm_tune/new_group/{counter[0]}/{tag}"
-        if store.add(key, 1_000_000 + value) >= world * 1_000_000:  # the last rank to arrive opens the gate
-            store.set(key + "/all", "1")
-        store.wait(key + "/all")
-        return store.add(key, 0) - world * 1_000_000
-
-    def forget(group) -> None:
-        collective._group_map.pop(group.id, None)
-        collective._group_map_by_name.pop(group.name, None)
-        collective._group_map_backend.pop(group, None)
-        group_registry._GroupManager.group_map_by_id.pop(group.id, None)
-
-    def new_group(*args, **kwargs):
-        if collective._default_store is None:  # the global group does not exist yet: nothing runs concurrently
-            return original(*args, **kwargs)
-        for attempt in range(GROUP_ATTEMPTS):
-            store_sum(f"{attempt}/before", 0)
-            if attempt:  # a fresh id: the failed attempt's rendezvous keys stay behind in the store
-                collective._custom_gid = 1_000_000 + 1_000 * counter[0] + attempt
-            try:
-                group, error = original(*args, **kwargs), None
-            except RuntimeError as err:  # gloo's rendezvous
-                group, error = None, err
-            finally:
-                collective._custom_gid = None
-            if store_sum(f"{attempt}/failed", int(error is not None)) == 0:
-                counter[0] += 1
-                return group
-            if group is not None:
-                forget(group)
-            logger.warning("gloo process group: rendezvous failed (attempt %d of %d)%s; creating it again",
-                           attempt + 1, GROUP_ATTEMPTS, f": {error}" if error else " on another rank")
-        raise RuntimeError(f"gloo could not connect a process group in {GROUP_ATTEMPTS} attempts")
-
-    collective.new_group = new_group
-    dist.new_group = new_group
-    _serialized = True
-    return True
 
 
 def install() -> bool:
