@@ -179,6 +179,28 @@ def test_tensor_parallel_two_cpu_processes_match_single_process(method, tiny_dir
     assert (tp / f"{prefix}.tp00.pdparams").exists() and (tp / f"{prefix}.tp01.pdparams").exists()
     # PaddleNLP writes LoRA checkpoints merged (lora_model_state.pdparams), full ones per shard.
     assert list((tp / "checkpoint-3").glob(f"{prefix}*.pdparams"))
+    if method == "full":
+        generate_and_merge_under_the_launcher(tp, single, tmp_path)
+
+
+def generate_and_merge_under_the_launcher(tp, single, tmp_path):
+    """The TP run's shards generate across the two ranks, merged there by --merge_tensor_parallel_path; the merged
+    folder gives the single process's logits and, in one process, the same generated text."""
+    from .test_predict_export import predict_argv
+
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                           str(tmp_path / "predict_log"), str(ROOT / "predict_generation.py"),
+                           *predict_argv(tp, merge_tensor_parallel_path=merged, output_file=tmp_path / "tp.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (tmp_path / "predict_log" / "workerlog.0").read_text()[-3000:]
+    tok = load_tokenizer(str(merged), "chatglm2")
+    np.testing.assert_allclose(batch_logits(load_model(str(merged), "chatglm2"), tok, "chatglm2"),
+                               batch_logits(load_model(str(single), "chatglm2"), tok, "chatglm2"), atol=1e-5)
+    import predict_generation
+
+    predict_generation.main(predict_argv(merged, output_file=tmp_path / "merged.json"))
+    assert (tmp_path / "tp.json").read_text() == (tmp_path / "merged.json").read_text()
 
 
 @pytest.mark.slow

@@ -183,7 +183,9 @@ def test_a_peer_that_never_arrives_is_cut_and_the_group_made_again(tmp_path):
 @pytest.mark.parametrize("model_type,method", [("chatglm2", "full"), ("chatglm3", "lora")])
 def test_degree_four_trains_like_the_single_process(model_type, method, tiny8, demo_data, tmp_path):
     """Degree 4 on 2 key/value groups: ranks 0-1 and 2-3 share a group's copy; losses match the single process,
-    and the saved weights (merged shards, or the merged LoRA adapter) give its logits."""
+    and the saved weights (merged shards, or the merged LoRA adapter) give its logits. The full run's shards then
+    generate under the launcher (merged there by --merge_tensor_parallel_path) exactly as the merged folder does
+    in one process: one training launch checks training, checkpoint, merge and generation."""
     common = dict(max_steps=3, save_steps=3, learning_rate=1e-3)
     if method == "lora":
         common.update(lora=True, lora_rank=4, learning_rate=1e-2)
@@ -201,27 +203,20 @@ def test_degree_four_trains_like_the_single_process(model_type, method, tiny8, d
         # PaddleNLP saves the adapter of a TP run merged; its lora_B keeps query_key_value's [q | k | v] layout.
         reference = apply_lora(load_model(str(model_dir), model_type), model_type, lora_path=str(single))
         loaded = apply_lora(load_model(str(model_dir), model_type), model_type, lora_path=str(tp / "checkpoint-3"))
-    else:
-        reference = load_model(str(single), model_type)
-        loaded = load_model(str(merge_tp_shards(tp, tmp_path / "merged")), model_type)
-    np.testing.assert_allclose(batch_logits(loaded, tok, model_type), batch_logits(reference, tok, model_type),
-                               atol=1e-5)
-
-
-@pytest.mark.slow
-def test_degree_four_checkpoint_generates_and_merges_under_the_launcher(tiny8, demo_data, tmp_path):
-    model_dir = tiny8("chatglm2")
-    tp = tmp_path / "tp"
-    launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, tp, tensor_parallel_degree=4,
-                                                      max_steps=2, learning_rate=1e-3), tmp_path / "log1", tmp_path,
-           [tp])
+        np.testing.assert_allclose(batch_logits(loaded, tok, model_type), batch_logits(reference, tok, model_type),
+                                   atol=1e-5)
+        return
     assert sorted(p.name for p in tp.glob("model_state.tp*.pdparams")) == [f"model_state.tp0{r}.pdparams"
                                                                           for r in range(4)]
-    merged = tmp_path / "merged"
-    launch(4, "predict_generation.py", predict_argv(tp, merge_tensor_parallel_path=merged,
+    merged = merge_tp_shards(tp, tmp_path / "merged")
+    np.testing.assert_allclose(batch_logits(load_model(str(merged), model_type), tok, model_type),
+                               batch_logits(load_model(str(single), model_type), tok, model_type), atol=1e-5)
+    merged_by_launch = tmp_path / "merged_by_launch"
+    launch(4, "predict_generation.py", predict_argv(tp, merge_tensor_parallel_path=merged_by_launch,
                                                     output_file=tmp_path / "tp.json"), tmp_path / "log2", tmp_path,
-           [merged])
-    assert json.loads((merged / "config.json").read_text())["tensor_parallel_degree"] == 1
+           [merged_by_launch])
+    assert json.loads((merged_by_launch / "config.json").read_text())["tensor_parallel_degree"] == 1
+    assert_same_weights(merged, merged_by_launch)
     predict_generation.main(predict_argv(merged, output_file=tmp_path / "merged.json"))
     assert (tmp_path / "tp.json").read_text() == (tmp_path / "merged.json").read_text()
 
@@ -297,6 +292,14 @@ DP_TP = dict(per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, sav
 SINGLE_OF_DP2 = dict(DP_TP, gradient_accumulation_steps=2)  # the same global batches in one process
 
 
+@pytest.fixture(scope="session")
+def single_of_dp2(tiny8, demo_data, tmp_path_factory):
+    """The one-process run every data x tensor parallel launch is checked against, trained once."""
+    out = tmp_path_factory.mktemp("single_of_dp2")
+    finetune_generation.main(finetune_argv(tiny8("chatglm2"), demo_data, out, **SINGLE_OF_DP2))
+    return out
+
+
 def assert_losses_match(reference, run, tolerance=1e-5):
     a, b = losses(reference), losses(run)
     assert set(b) <= set(a) and b, (a, b)
@@ -306,13 +309,12 @@ def assert_losses_match(reference, run, tolerance=1e-5):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["", "stage1"])  # stage2 is GPU-only in Paddle: refused below
-def test_data_times_tensor_parallel_matches_and_resumes(sharding, tiny8, demo_data, tmp_path):
+def test_data_times_tensor_parallel_matches_and_resumes(sharding, tiny8, demo_data, single_of_dp2, tmp_path):
     """4 processes, --tensor_parallel_degree 2: 2 data-parallel replicas (or sharding ranks) x TP 2. Its global
     batch per step is the single process's two accumulated micro-batches; losses match, and a resume from the
     middle checkpoint continues exactly."""
     model_dir = tiny8("chatglm2")
-    single, run, resumed = tmp_path / "single", tmp_path / "dp_tp", tmp_path / "resumed"
-    finetune_generation.main(finetune_argv(model_dir, demo_data, single, **SINGLE_OF_DP2))
+    single, run, resumed = single_of_dp2, tmp_path / "dp_tp", tmp_path / "resumed"
     extra = dict(tensor_parallel_degree=2, sharding=sharding or None)
     launch(4, "finetune_generation.py", finetune_argv(model_dir, demo_data, run, **DP_TP, **extra),
            tmp_path / "log", tmp_path, [run])
@@ -325,11 +327,10 @@ def test_data_times_tensor_parallel_matches_and_resumes(sharding, tiny8, demo_da
 
 
 @pytest.mark.slow
-def test_two_nodes_train_save_resume_and_merge(tiny8, demo_data, tmp_path):
+def test_two_nodes_train_save_resume_and_merge(tiny8, demo_data, single_of_dp2, tmp_path):
     """Two launchers meeting at one --master (two "nodes" of 2 processes: TP 2 x DP 2) on a shared folder."""
     model_dir = tiny8("chatglm2")
-    single, run, resumed = tmp_path / "single", tmp_path / "nodes", tmp_path / "resumed"
-    finetune_generation.main(finetune_argv(model_dir, demo_data, single, **SINGLE_OF_DP2))
+    single, run, resumed = single_of_dp2, tmp_path / "nodes", tmp_path / "resumed"
     launch_two_nodes("finetune_generation.py", finetune_argv(model_dir, demo_data, run, **DP_TP,
                                                              tensor_parallel_degree=2), tmp_path / "log", tmp_path,
                      [run])
