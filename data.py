@@ -365,11 +365,17 @@ class PromptFormat:
             return ids
         self.cut_prompts += 1
         history = list(history)
-        while history:
-            history = history[1:]
-            ids = self._assemble(query, history)
-            if len(ids) <= src_length:
-                return ids
+        if history and len(self._assemble(query, [])) <= src_length:
+            # The fewest oldest turns to drop, by bisection: fewer turns never make a longer prompt, and each try
+            # tokenizes the whole prompt, so dropping one turn at a time was quadratic (10,000 turns: minutes).
+            fewest, most = 1, len(history)
+            while fewest < most:
+                middle = (fewest + most) // 2
+                if len(self._assemble(query, history[middle:])) <= src_length:
+                    most = middle
+                else:
+                    fewest = middle + 1
+            return self._assemble(query, history[fewest:])
         template = len(self._assemble("", []))
         if template > src_length:
             raise DataFormatError(f"--src_length {src_length} cannot hold this generation's prompt template "
@@ -531,17 +537,22 @@ class ChatGLM3Format(ChatGLM2Format):
 
     def turns_prompt_ids(self, turns, src_length: int = None) -> List[int]:
         """The prompt for the answer after `turns`; too long: the oldest non-system turns go first, then the end."""
-        turns = list(turns)
-        ids = self.prefix_ids() + [i for t in turns for i in self.message(t.role, t.content, t.metadata)]
-        ids += self.suffix_ids()
-        while src_length is not None and len(ids) > src_length:
+        pieces = [self.message(t.role, t.content, t.metadata) for t in turns]  # each message encoded once
+        frame = len(self.prefix_ids()) + len(self.suffix_ids())
+        length = frame + sum(map(len, pieces))
+        kept = [True] * len(pieces)
+        if src_length is not None and length > src_length:
             self.cut_prompts += 1
-            dropped = next((i for i, t in enumerate(turns[:-1]) if t.role != "system"), None)
-            if dropped is None:
-                return ids[:src_length - 1] + self.suffix_ids()
-            del turns[dropped]
-            ids = self.turns_prompt_ids(turns)
-        return ids
+            droppable = (i for i, t in enumerate(turns[:-1]) if t.role != "system")  # oldest first
+            while length > src_length:
+                dropped = next(droppable, None)
+                if dropped is None:
+                    ids = [i for piece, keep in zip(pieces, kept) if keep for i in piece]
+                    return (self.prefix_ids() + ids)[:src_length - 1] + self.suffix_ids()
+                kept[dropped] = False
+                length -= len(pieces[dropped])
+        return self.prefix_ids() + [i for piece, keep in zip(pieces, kept) if keep for i in piece] + \
+            self.suffix_ids()
 
     def eval_items(self, example, src_length: int):
         """Every assistant turn of a conversation is scored, its prompt being the turns before it: a tool call's

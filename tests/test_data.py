@@ -96,6 +96,47 @@ def test_truncation_drops_oldest_turns_before_the_question(model_type, tiny_toke
     assert fmt.cut_prompts == 1
 
 
+def cut_one_turn_at_a_time(fmt, query, history, src_length):
+    """The cutting rule written the slow, obvious way: drop the oldest turn until the prompt fits."""
+    history = list(history)
+    while history and len(fmt.prompt_ids(query, history)) > src_length:
+        history = history[1:]
+    return fmt.prompt_ids(query, history, src_length=src_length)
+
+
+@pytest.mark.parametrize("model_type", ["chatglm", "chatglm2", "chatglm3"])
+def test_a_long_history_is_cut_like_one_turn_at_a_time_and_in_linear_time(model_type, tiny_tokenizer):
+    import time
+
+    fmt = get_prompt_format(model_type, tiny_tokenizer(model_type))
+    history = [(f"第{i}个问题" + "好" * (i % 7), f"回答{i}" * (1 + i % 3)) for i in range(40)]
+    for budget in (24, 40, 64, 120, 300):
+        assert fmt.prompt_ids("你好", history, src_length=budget) == cut_one_turn_at_a_time(fmt, "你好", history,
+                                                                                           budget), budget
+    long_history = history * 250  # 10,000 turns (a record in issue 27 hung infer for minutes)
+    started = time.perf_counter()
+    ids = fmt.prompt_ids("你好", long_history, src_length=64)
+    assert time.perf_counter() - started < 2 and len(ids) <= 64
+    assert ids == fmt.prompt_ids("你好", long_history[-len(history):], src_length=64)  # the same newest turns kept
+
+
+def test_chatglm3_conversation_cutting_is_linear_and_counts_each_prompt_once(tiny_tokenizer):
+    import time
+
+    from data import ChatTurn
+
+    fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
+    turns = [ChatTurn("system", "简短回答")] + [ChatTurn(role, f"{role}{i}") for i in range(5000)
+                                                for role in ("user", "assistant")] + [ChatTurn("user", "类型#裙")]
+    started = time.perf_counter()
+    ids = fmt.turns_prompt_ids(turns, src_length=48)
+    assert time.perf_counter() - started < 2 and len(ids) <= 48 and fmt.cut_prompts == 1
+    kept = turns[-200:]  # the slow, obvious rule: the system message stays, the oldest of the others go first
+    while len(fmt.turns_prompt_ids([turns[0]] + kept)) > 48:
+        kept = kept[1:]
+    assert len(kept) > 2 and ids == fmt.turns_prompt_ids([turns[0]] + kept)
+
+
 def test_a_src_length_below_the_template_is_refused(tiny_tokenizer):
     fmt = get_prompt_format("chatglm2", tiny_tokenizer("chatglm2"))
     with pytest.raises(DataFormatError, match="--src_length 4 cannot hold"):
