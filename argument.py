@@ -190,7 +190,10 @@ class EngineArgument:
     threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
 
     def __post_init__(self):
-        require_flag(self.threads >= 1, f"--threads {self.threads} must be at least 1")
+        cores = max(len(os.sched_getaffinity(0)), 2)  # the default of 2 stays valid on one core
+        # More threads than cores only adds switching (10,000 made one token take seconds), so it is refused.
+        require_flag(1 <= self.threads <= cores,
+                     f"--threads {self.threads}: this machine gives the process {cores} CPUs; use 1 to {cores}")
         require_flag(self.precision in (None, "fp32", "int8", "int4"),
                      f"--precision {self.precision!r}: choose fp32, int8 or int4")
 

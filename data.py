@@ -290,8 +290,9 @@ def read_record(record, where: str, require_target: bool = True, data_format: st
 
 
 def read_examples(path, skip_bad_records: bool = False, require_target: bool = True,
-                  data_format: str = None) -> List[Example]:
-    """All examples in `path` (any supported format). Bad records raise, or are skipped and counted."""
+                  data_format: str = None, offer_skip: bool = False) -> List[Example]:
+    """All examples in `path` (any supported format). Bad records raise, or are skipped and counted.
+    `offer_skip`: the caller has --skip_bad_records, so the error suggests it (commands without it must not)."""
     path = Path(path)
     examples, bad = [], []
     for lineno, record in iter_json_records(path):
@@ -301,7 +302,8 @@ def read_examples(path, skip_bad_records: bool = False, require_target: bool = T
             examples.append(read_record(record, f"{path}:{lineno}", require_target, data_format))
         except DataFormatError as err:
             if not skip_bad_records:
-                raise DataFormatError(f"{err} (pass --skip_bad_records True to skip such records)") from None
+                hint = " (pass --skip_bad_records True to skip such records)" if offer_skip else ""
+                raise DataFormatError(f"{err}{hint}") from None
             bad.append(str(err))
     if bad:
         logger.warning("skipped %d bad record(s) of %d in %s; first: %s", len(bad), len(bad) + len(examples),

@@ -55,7 +55,7 @@ def validate(model_args, data_args, training_args) -> tuple:
     # read (and so checked) here, before any weight is loaded; the datasets are built from these records
     splits = ["train"] * training_args.do_train + ["dev"] * training_args.do_eval
     records = {split: read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records,
-                                    data_format=data_args.data_format) for split in splits}
+                                    data_format=data_args.data_format, offer_skip=True) for split in splits}
     config = load_config(model_args.model_name_or_path, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
     degree = training_args.requested_tensor_parallel_degree

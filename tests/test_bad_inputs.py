@@ -454,7 +454,10 @@ INFER_CASES = {
     "tgt_length 0": (lambda t: ["--tgt_length", 0], r"--tgt_length 0 must be at least 1"),
     "tgt_length -2": (lambda t: ["--tgt_length", -2], r"--tgt_length -2 must be at least 1"),
     "src_length 0": (lambda t: ["--src_length", 0], r"--src_length 0 must exceed 2"),
-    "threads 0": (lambda t: ["--threads", 0], r"--threads 0 must be at least 1"),
+    "threads 0": (lambda t: ["--threads", 0], r"--threads 0: this machine gives the process \d+ CPUs; use 1 to"),
+    "threads 10000": (lambda t: ["--threads", 10000], r"--threads 10000: this machine gives the process \d+ CPUs"),
+    "bad data record": (lambda t: ["--data_file", write(t / "bad.json", '{"content": 5}\n')],
+                        r"bad\.json:1: .*content(?!.*skip_bad_records)"),
     "model path missing": (lambda t: ["--model_path", t / "nope"], r"--model_path .*nope is not a folder"),
     "wrong prefix": (lambda t: ["--model_prefix", "glm"], r"glm\.generation\.json not found \(this folder holds "
                                                          r"--model_prefix chatglm\)"),

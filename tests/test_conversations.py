@@ -140,7 +140,7 @@ def test_bad_conversation_records_are_named_by_file_and_line(record, pattern, tm
     good = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
     path = write_records(tmp_path / "train.json", [good, good, record, good])
     with pytest.raises(DataFormatError, match=rf"train\.json:3: .*{pattern}.*--skip_bad_records"):
-        read_examples(path)
+        read_examples(path, offer_skip=True)
     assert len(read_examples(path, skip_bad_records=True)) == 3
 
 
