@@ -276,10 +276,30 @@ def answer_text(turn: ChatTurn) -> str:
     return f"{turn.metadata}\n{turn.content}" if turn.metadata else turn.content
 
 
+def check_no_lone_surrogate(value, where: str) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800") that is no character: the tokenizer fails on it deep
+    inside, so such a record is refused here, naming it."""
+    pending = [value]  # a stack, not recursion: a record may nest as deep as the JSON parser allowed
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataFormatError(f"{where}: text holds a lone surrogate (U+{ord(value[err.start]):04X}, half "
+                                      f"of a UTF-16 pair, at character {err.start}); fix its escape in the file"
+                                      ) from None
+        elif isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+
+
 def read_record(record, where: str, require_target: bool = True, data_format: str = None) -> Example:
     """One record of the format asked for, or of the format its fields show."""
     if data_format not in (None,) + DATA_FORMATS:
         raise DataFormatError(f"--data_format {data_format!r}: choose one of {', '.join(DATA_FORMATS)}")
+    check_no_lone_surrogate(record, where)
     if data_format == "conversations" or (data_format is None and isinstance(record, dict)
                                           and "conversations" in record):
         return record_to_conversation(record, where)

@@ -81,12 +81,26 @@ def folder_is_empty(folder: Path) -> bool:
     return folder.is_dir() and not any(folder.iterdir())
 
 
+def check_writable(folder: Path, flag: str, path) -> None:
+    """This process can make a file in `folder`, tried for real (permission bits do not tell: root ignores
+    them and a read-only mount ignores root), so an unwritable output is refused before the work, not after."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".glm-tune-write-check-")
+    except OSError as err:
+        raise OutputRefused(f"{flag} {path}: this process cannot write in {folder} ({err.strerror}); nothing was "
+                            f"done. Choose a {flag} in a folder you can write to") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def _check_parent_can_hold(path: Path, flag: str) -> None:
-    """The nearest existing ancestor of `path` is a folder (so `path` can be made)."""
+    """The nearest existing ancestor of `path` is a folder this process can write in (so `path` can be made,
+    and the atomic writers' staging file or folder beside it too)."""
     for parent in path.resolve().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputRefused(f"{flag} {path}: {parent} is a file, so {path.name} cannot be made under it")
+            check_writable(parent, flag, path)
             return
 
 
@@ -99,6 +113,8 @@ def check_target_folder(output_dir, flag: str, inputs: Dict[str, object] = None)
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"{flag} {output_dir} is a file, not a folder; pass a folder path")
     _check_parent_can_hold(path, flag)
+    if path.is_dir():  # training writes checkpoints inside it
+        check_writable(path, flag, output_dir)
     check_not_input(path, flag, inputs or {})
     check_not_working_folder(path, flag)
     return path

@@ -42,6 +42,13 @@ def snapshot(*roots) -> dict:
     return state
 
 
+# sysfs takes no new file even from root (permission bits do not stop root; a read-only mount does): it stands for
+# a read-only output folder on any machine.
+UNWRITABLE = Path("/sys")
+UNWRITABLE_PATTERN = r"cannot write in /sys \(Permission denied\); nothing was done"
+SURROGATE_RECORD = '{"content": "a\\ud800b", "summary": "x"}\n'  # JSON's escape of a lone surrogate
+
+
 def assert_refused(main, argv, pattern, *watched):
     """`main(argv)` through run_cli exits with one line matching `pattern`; nothing under `watched` changed."""
     before = snapshot(*watched)
@@ -183,6 +190,9 @@ FINETUNE_CASES = {
                              r"train\.json:2: malformed JSON"),
     "train.json is a folder": (lambda t, m: dict(task_name_or_path=(t / "task2" / "train.json").mkdir(parents=True)
                                                  or t / "task2"), r"train\.json is a folder, not a data file"),
+    "output in a read-only folder": (lambda t, m: dict(output_dir=UNWRITABLE / "tuned"), UNWRITABLE_PATTERN),
+    "train data with a lone surrogate": (lambda t, m: dict(task_name_or_path=task_folder(t, SURROGATE_RECORD)),
+                                         r"train\.json:1: .*lone surrogate"),
 }
 
 
@@ -295,6 +305,9 @@ PREDICT_CASES = {
     "top_p 0": (lambda t: dict(top_p=0), r"--top_p 0\.0 must be in"),
     "decode strategy typo": (lambda t: dict(decode_strategy="beam"), r"--decode_strategy 'beam': choose"),
     "model path is a file": (lambda t: dict(model_name_or_path=t / "dev.json"), r"--model_name_or_path .* is a file"),
+    "output file in a read-only folder": (lambda t: dict(output_file=UNWRITABLE / "preds.json"), UNWRITABLE_PATTERN),
+    "data with a lone surrogate": (lambda t: dict(data_file=write(t / "s.json", SURROGATE_RECORD)),
+                                   r"s\.json:1: .*lone surrogate"),
 }
 
 
@@ -353,6 +366,8 @@ EXPORT_CASES = {
     "quantize typo": (lambda t, m: dict(quantize="int3"), r"--quantize 'int3': choose from int8, int4"),
     "quantize without onnx": (lambda t, m: dict(quantize="int8", onnx=False), r"--quantize needs the ONNX graph"),
     "prefix export": (lambda t, m: dict(prefix_path=t), r"exporting prefix-tuned models is not supported"),
+    "export into a read-only folder": (lambda t, m: dict(output_path=UNWRITABLE / "infer" / "chatglm"),
+                                       UNWRITABLE_PATTERN),
 }
 
 
@@ -456,6 +471,8 @@ INFER_CASES = {
     "src_length 0": (lambda t: ["--src_length", 0], r"--src_length 0 must exceed 2"),
     "threads 0": (lambda t: ["--threads", 0], r"--threads 0: this machine gives the process \d+ CPUs; use 1 to"),
     "threads 10000": (lambda t: ["--threads", 10000], r"--threads 10000: this machine gives the process \d+ CPUs"),
+    "output file in a read-only folder": (lambda t: ["--data_file", t / "dev.json", "--output_file",
+                                                     UNWRITABLE / "preds.json"], UNWRITABLE_PATTERN),
     "bad data record": (lambda t: ["--data_file", write(t / "bad.json", '{"content": 5}\n')],
                         r"bad\.json:1: .*content(?!.*skip_bad_records)"),
     "model path missing": (lambda t: ["--model_path", t / "nope"], r"--model_path .*nope is not a folder"),

@@ -220,7 +220,7 @@ def test_skip_bad_records_reports_how_many(tmp_path, caplog):
         read_examples(path, offer_skip=True)
     with pytest.raises(DataFormatError) as err:  # a command without the flag must not suggest it
         read_examples(path)
-    assert "skip_bad_records" not in str(err.value) and "mixed.json:2" in str(err.value)
+    assert "pass --skip_bad_records" not in str(err.value) and "mixed.json:2" in str(err.value)
     with caplog.at_level("WARNING"):
         got = read_examples(path, skip_bad_records=True)
     assert got == [Example("a", "b"), Example("c", "d")]
