@@ -106,11 +106,37 @@ def check_model_folder(model_dir, generation: str) -> None:
     if missing:
         raise ConfigurationError(f"{folder / 'config.json'} lacks {', '.join(missing)}: it does not describe the "
                                  "model; restore the checkpoint's own config.json")
+    check_config_sizes(config, folder / "config.json")
     check_tokenizer_file(folder, generation)
     has_weights = any((folder / n).is_file() for n in _WEIGHT_FILES) or any(folder.glob("model_state.tp*.pdparams"))
     if not has_weights:
         raise ConfigurationError(f"{folder} has no weights (model_state.pdparams); pass a complete checkpoint "
                                  "folder, or convert a Hugging Face one with tools/convert_checkpoint.py")
+
+
+# Sizes a config.json may hold (each generation names some differently); each must be a positive whole number.
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_layers", "vocab_size", "padded_vocab_size",
+              "kv_channels", "multi_query_group_num", "ffn_hidden_size", "inner_hidden_size", "seq_length",
+              "max_sequence_length")
+
+
+def check_config_sizes(config: dict, where) -> None:
+    """Sizes that build a model: positive, and dividing as attention needs. A negative or zero size made Paddle
+    fail deep inside (or, with 0 layers, a model that loaded and failed inside generation)."""
+    for key in _SIZE_KEYS:
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"{where}: {key} is {value!r}, not a positive whole number; restore the "
+                                     "checkpoint's own config.json")
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    if "kv_channels" not in config and hidden % heads:
+        raise ConfigurationError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+                                 "restore the checkpoint's own config.json")
+    groups = config.get("multi_query_group_num")
+    if config.get("multi_query_attention", True) and groups and heads % groups:  # PaddleNLP omits the key
+        raise ConfigurationError(f"{where}: num_attention_heads {heads} is not a multiple of multi_query_group_num "
+                                 f"{groups} (each key/value group serves the same number of heads); restore the "
+                                 "checkpoint's own config.json")
 
 
 def check_tokenizer_file(folder, generation: str) -> None:

@@ -110,6 +110,11 @@ def damage_model(folder: Path, how: str):
         write(folder / "config.json", json.dumps(config))
     elif how == "config not json":
         write(folder / "config.json", "{not json")
+    elif how.startswith("config "):  # "config KEY VALUE": one size set to a bad value (issue 27: tracebacks)
+        _, key, value = how.split(" ")
+        config = json.loads((folder / "config.json").read_text())
+        config[key] = json.loads(value)
+        write(folder / "config.json", json.dumps(config))
     return folder
 
 
@@ -122,6 +127,15 @@ MODEL_DAMAGE = [
     ("garbage weights", r"cannot be read .*truncated or not a Paddle checkpoint"),
     ("config without sizes", r"config\.json lacks hidden_size, num_hidden_layers"),
     ("config not json", r"config\.json is not valid JSON"),
+    ("config hidden_size -128", r"config\.json: hidden_size is -128, not a positive whole number"),
+    ("config vocab_size -5", r"config\.json: vocab_size is -5, not a positive"),
+    ("config padded_vocab_size -5", r"config\.json: padded_vocab_size is -5, not a positive"),
+    ("config num_attention_heads 0", r"config\.json: num_attention_heads is 0, not a positive"),
+    ("config kv_channels 0", r"config\.json: kv_channels is 0, not a positive"),
+    ("config num_hidden_layers 0", r"config\.json: num_hidden_layers is 0, not a positive"),
+    ("config num_hidden_layers -1", r"config\.json: num_hidden_layers is -1, not a positive"),
+    ("config num_hidden_layers 2.5", r"config\.json: num_hidden_layers is 2\.5, not a positive"),
+    ("config multi_query_group_num 3", r"num_attention_heads 4 is not a multiple of multi_query_group_num 3"),
 ]
 
 
