@@ -152,6 +152,29 @@ def test_auto_resume_after_a_kill_during_a_save_reaches_the_uninterrupted_loss(t
     assert sorted(b) == list(range(1, 7))
     for step in range(3, 7):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert_train_summary_matches(full, killed, resumed_at=2, max_steps=6, batch=8)
+
+
+def assert_train_summary_matches(full, resumed, resumed_at, max_steps, batch):
+    """A resumed run reports the uninterrupted run's train_loss (the mean over every step: issue 27 saw the resumed
+    steps' sum over all of them), and a throughput that counts only the steps it ran."""
+    a, b = (json.loads((out / "metrics.json").read_text())["metrics"] for out in (full, resumed))
+    assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6, (a["train_loss"], b["train_loss"])
+    ran = (max_steps - resumed_at) * batch
+    assert b["train_samples_per_second"] * b["train_runtime"] == pytest.approx(ran, rel=0.02)
+    assert a["train_samples_per_second"] * a["train_runtime"] == pytest.approx(max_steps * batch, rel=0.02)
+
+
+@pytest.mark.slow
+def test_resume_between_logs_reports_the_uninterrupted_train_loss(tiny_dir, demo_data, tmp_path):
+    """Logging every 3 steps and saving every 2: the checkpoint falls between logs, so its loss sum must count the
+    steps not yet logged."""
+    common = dict(max_steps=8, save_steps=2, logging_steps=3)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, full, **common))
+    finetune_generation.main(finetune_argv(tiny_dir("chatglm2"), demo_data, resumed, **common,
+                                           resume_from_checkpoint=full / "checkpoint-4"))
+    assert_train_summary_matches(full, resumed, resumed_at=4, max_steps=8, batch=8)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from paddlenlp.trainer import Trainer, TrainerCallback
 from paddlenlp.trainer.integrations import VisualDLCallback
 
 from glm_tune.generation import decode_answer, generate_ids
-from glm_tune.training.run_checkpoints import mark_complete
+from glm_tune.training.run_checkpoints import checkpoint_step, mark_complete, train_loss_sum
 from glm_tune.safe_output import atomic_write_json
 from utils import score_answers, token_accuracy
 
@@ -53,6 +53,37 @@ class GLMTrainer(Trainer):
     def __init__(self, *args, generation_evaluator: GenerationEvaluator = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_evaluator = generation_evaluator
+        self._unlogged_loss = None  # PaddleNLP's running loss of the steps not yet logged (a tensor it owns)
+        self._loss_sum_to_restore = None  # the losses of the steps before a resume, summed
+        self._first_step = 0  # the step this process started from (0, or the resumed checkpoint's)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """PaddleNLP's train. A resumed run's train_loss is the mean over all its steps, not the resumed steps'
+        sum over all of them, and its throughput counts the steps this process ran, not all max_steps."""
+        if resume_from_checkpoint:
+            self._first_step = checkpoint_step(resume_from_checkpoint)
+            self._loss_sum_to_restore = train_loss_sum(resume_from_checkpoint)
+            if self._loss_sum_to_restore is None and self._first_step:
+                logger.warning("%s keeps no training-loss sum (written by an older version): train_loss will "
+                               "average the resumed steps only", resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        # PaddleNLP zeroes its loss sum after loading a checkpoint, just before the first step: the earlier
+        # steps' sum goes back in here, at the first step's end, before anything reads it.
+        if self._loss_sum_to_restore is not None:
+            self._total_loss_scalar += self._loss_sum_to_restore
+            self._loss_sum_to_restore = None
+        self._unlogged_loss = tr_loss
+        return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+
+    def log(self, logs, **kwargs):
+        if "train_runtime" in logs and self.state.max_steps and self._first_step:
+            ran = (self.state.global_step - self._first_step) / self.state.max_steps
+            for key in ("train_samples_per_second", "train_steps_per_second"):
+                if key in logs:
+                    logs[key] = round(logs[key] * ran, 4)
+        return super().log(logs, **kwargs)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval", max_eval_iters=-1):
@@ -84,7 +115,10 @@ class GLMTrainer(Trainer):
 
             paddle.distributed.barrier()
         if self.args.process_index == 0:
-            mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            # what train_loss would sum to here: the logged windows plus the steps since the last log
+            unlogged = float(self._unlogged_loss.item()) if self._unlogged_loss is not None else 0.0
+            mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}",
+                          train_loss_sum=self._total_loss_scalar + unlogged)
 
     def _get_train_sampler(self):
         if self.train_dataset is None:

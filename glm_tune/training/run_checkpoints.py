@@ -34,14 +34,25 @@ def checkpoint_step(folder) -> int:
     return int(CHECKPOINT_PATTERN.match(Path(folder).name).group(1))
 
 
-def mark_complete(folder) -> None:
-    """Write the completion marker last: the checkpoint counts only once every file it lists is whole."""
+def mark_complete(folder, train_loss_sum: float = None) -> None:
+    """Write the completion marker last: the checkpoint counts only once every file it lists is whole. It also
+    keeps the sum of the training losses up to this step, which PaddleNLP's checkpoint lacks, so a resumed run
+    reports the mean over all its steps."""
     from glm_tune.safe_output import atomic_write_json
 
     folder = Path(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != COMPLETE_MARKER}
-    atomic_write_json(folder / COMPLETE_MARKER, {"files": files})
+    atomic_write_json(folder / COMPLETE_MARKER, {"files": files, "train_loss_sum": train_loss_sum})
+
+
+def train_loss_sum(folder) -> Optional[float]:
+    """The training-loss sum a checkpoint's marker keeps (None for checkpoints written before it did)."""
+    try:
+        value = json.loads((Path(folder) / COMPLETE_MARKER).read_text(encoding="utf-8")).get("train_loss_sum")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def incomplete_reason(folder) -> Optional[str]:
