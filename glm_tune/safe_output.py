@@ -72,7 +72,7 @@ def check_not_working_folder(output, flag: str) -> None:
                             f"{Path(output) / 'out'}")
 
 
-def _listing(folder: Path, limit: int = 4) -> str:
+def folder_listing(folder: Path, limit: int = 4) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -130,7 +130,7 @@ def check_output_dir(output_dir, command: str, flag: str = "--output_dir", input
         if owner is None or owner.get("command") != command:
             made_by = f"written by {owner['command']}" if owner else "not written by this command"
             raise OutputRefused(
-                f"{flag} {output_dir} already exists and is {made_by} (it holds {_listing(path)}); nothing was "
+                f"{flag} {output_dir} already exists and is {made_by} (it holds {folder_listing(path)}); nothing was "
                 "changed. Choose a new folder, or pass --overwrite to replace that folder")
     return path
 

@@ -375,7 +375,14 @@ EXPORT_CASES = {
     "export into the model folder": (lambda t, m: dict(output_path=m / "chatglm"),
                                      r"--output_path's folder .* is also --model_name_or_path"),
     "export into a user folder": (lambda t, m: dict(output_path=write(t / "srv" / "app.py", "x").parent / "chatglm"),
-                                  r"--output_path's folder .*srv already exists"),
+                                  r"--output_path's folder .*srv holds files no export wrote \(app\.py\)"),
+    "export with --overwrite into a folder of other files": (
+        lambda t, m: dict(output_path=write(write(t / "models" / "notes.txt", "mine").parent / "other_model.bin",
+                                            "weights").parent / "chatglm", overwrite=True),
+        r"holds files no export wrote \(notes\.txt, other_model\.bin\).*--overwrite or not"),
+    "export with --overwrite into a training output": (
+        lambda t, m: dict(output_path=write(t / "run" / OWNER_MARKER, json.dumps({"command": "finetune_generation.py"})
+                                            ).parent / "chatglm", overwrite=True), r"holds files no export wrote"),
     "dtype typo": (lambda t, m: dict(dtype="fp32"), r"--dtype 'fp32': choose"),
     "quantize typo": (lambda t, m: dict(quantize="int3"), r"--quantize 'int3': choose from int8, int4"),
     "quantize without onnx": (lambda t, m: dict(quantize="int8", onnx=False), r"--quantize needs the ONNX graph"),
