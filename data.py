@@ -19,6 +19,7 @@ are cut at `tgt_length` and always end with the end-of-answer token. Formats cou
 """
 import ast
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,8 +228,12 @@ def record_to_conversation(record, where: str) -> Example:
         raise DataFormatError(f"{where}: 'conversations' must be a non-empty list of messages")
     if tools is not None and not isinstance(tools, list):
         raise DataFormatError(f"{where}: 'tools' must be a list of tool descriptions, got {type(tools).__name__}")
+    for number, tool in enumerate(tools or []):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise DataFormatError(f"{where}: tools[{number}] must be an object with a 'name' (and 'description', "
+                                  f"'parameters'), got {json.dumps(tool, ensure_ascii=False)[:80]}")
     turns = [ChatTurn("system", tools_system_text(tools))] if tools else []
-    seen_user = False
+    seen_user, called = False, False
     for number, message in enumerate(messages):
         at = f"{where}: conversations[{number}]"
         if not isinstance(message, dict):
@@ -244,14 +249,25 @@ def record_to_conversation(record, where: str) -> Example:
                 raise DataFormatError(f"{at}: a 'tool' message needs 'name' (the tool called)")
             if not isinstance(arguments, dict):
                 raise DataFormatError(f"{at}: a 'tool' message needs 'parameters' (an object of the call's arguments)")
-            call = tool_call_turn(name, arguments)
+            not_finite = [k for k, v in arguments.items() if isinstance(v, float) and not math.isfinite(v)]
+            if not_finite:  # JSON has no NaN / Infinity; Python's reader accepts them, a tool call cannot carry them
+                raise DataFormatError(f"{at}: parameters {not_finite} are NaN or infinite; a tool call's arguments "
+                                      "must be JSON values")
+            try:
+                call = tool_call_turn(name, arguments)
+            except DataFormatError as err:
+                raise DataFormatError(f"{at}: {err}") from None
+            called = True
             call.loss = loss
             turns.append(call)
             if "observation" in message:
-                seen = message["observation"]
+                seen = message["observation"]  # the result of the call just made
                 turns.append(ChatTurn("observation", seen if isinstance(seen, str) else
                                       json.dumps(seen, ensure_ascii=False)))
             continue
+        if role == "observation" and not called:
+            raise DataFormatError(f"{at}: an observation (a tool's result) before any tool call; a 'tool' message "
+                                  "comes first")
         content, metadata = message.get("content"), message.get("metadata", "")
         if not isinstance(content, str):
             raise DataFormatError(f"{at}: 'content' must be a string, got {type(content).__name__}")

@@ -116,6 +116,7 @@ def test_an_over_long_conversation_is_cut_from_the_end_and_one_with_nothing_to_l
     assert tokenize_example(fmt, example, 3, 3) is None  # only the prompt's start is left
 
 
+NAN = float("nan")
 BAD_CONVERSATIONS = [
     ({"conversations": [{"role": "wizard", "content": "x"}]}, r"conversations\[0\]: unknown role 'wizard'"),
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "parameters": {}}]},
@@ -132,6 +133,20 @@ BAD_CONVERSATIONS = [
     ({"conversations": [{"role": "user", "content": "x"}]}, r"nothing to learn"),
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss": "yes"}]},
      r"'loss' must be true or false"),
+    ({"tools": [1, "x", None], "conversations": [{"role": "user", "content": "x"}]},
+     r"tools\[0\] must be an object with a 'name'"),
+    ({"tools": [{"description": "no name"}], "conversations": [{"role": "user", "content": "x"}]},
+     r"tools\[0\] must be an object with a 'name'"),
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "parameters": {"a": NAN}}]},
+     r"conversations\[1\]: parameters \['a'\] are NaN or infinite"),
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f",
+                                                          "parameters": {"b": float("inf")}}]},
+     r"parameters \['b'\] are NaN or infinite"),
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "observation", "content": "3"},
+                        {"role": "assistant", "content": "y"}]},
+     r"conversations\[1\]: an observation \(a tool's result\) before any tool call"),
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "parameters": {"a b": 1}}]},
+     r"conversations\[1\]: tool 'f': argument names \['a b'\] are not identifiers"),
 ]
 
 
