@@ -46,6 +46,10 @@ def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     defaults = model.info["defaults"]
     src_length = defaults["src_length"] if infer_args.src_length is None else infer_args.src_length
     max_new_tokens = defaults["max_new_tokens"] if infer_args.tgt_length is None else infer_args.tgt_length
+    limit = model.context_length  # the export's position table: a longer run fails mid-way inside the engine
+    require_flag(src_length + max_new_tokens <= limit,
+                 f"--src_length {src_length} + --tgt_length {max_new_tokens} = {src_length + max_new_tokens} exceeds "
+                 f"this export's sequence length {limit}; lower them so the sum is at most {limit}")
     return StepEnginePredictor(
         model.engine, model.feeds, model.tokenizer, model.generation,
         src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,

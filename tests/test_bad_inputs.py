@@ -492,6 +492,10 @@ INFER_CASES = {
     "src_length 0": (lambda t: ["--src_length", 0], r"--src_length 0 must exceed 2"),
     "threads 0": (lambda t: ["--threads", 0], r"--threads 0: this machine gives the process \d+ CPUs; use 1 to"),
     "threads 10000": (lambda t: ["--threads", 10000], r"--threads 10000: this machine gives the process \d+ CPUs"),
+    "src_length past the positions": (lambda t: ["--src_length", 5000],
+                                      r"--src_length 5000 \+ --tgt_length \d+ = \d+ exceeds this export's sequence "
+                                      r"length 2048; lower them"),
+    "tgt_length past the positions": (lambda t: ["--tgt_length", 5000], r"--tgt_length 5000 = \d+ exceeds this"),
     "output file in a read-only folder": (lambda t: ["--data_file", t / "dev.json", "--output_file",
                                                      UNWRITABLE / "preds.json"], UNWRITABLE_PATTERN),
     "bad data record": (lambda t: ["--data_file", write(t / "bad.json", '{"content": 5}\n')],
