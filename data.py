@@ -107,14 +107,24 @@ def parse_tool_call(text: str):
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """`path` is a regular file: a folder, a missing path and a device or pipe (which would be read forever, or
+    block) are each named for what they are."""
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder, not a {what}; pass the JSON file itself")
+    if not path.exists():
+        raise DataFormatError(f"{path}: file not found")
+    if not path.is_file():
+        kind = ("a named pipe (FIFO)" if path.is_fifo() else "a device" if path.is_char_device() or
+                path.is_block_device() else "a socket" if path.is_socket() else "not a regular file")
+        raise DataFormatError(f"{path} is {kind}, not a {what}; pass a JSON file saved on disk")
+
+
 def read_text_file(path, what: str = "data file") -> str:
     """The text of a UTF-8 file (a byte-order mark, as Notepad writes, is dropped); anything else is a
     DataFormatError naming the file, the line and how to fix it."""
     path = Path(path)
-    if path.is_dir():
-        raise DataFormatError(f"{path} is a folder, not a {what}; pass the JSON file itself")
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
+    check_regular_file(path, what)
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataFormatError(f"{path} is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
@@ -361,8 +371,9 @@ def task_file(task_name_or_path, split: str) -> Path:
     if path.is_dir():
         raise DataFormatError(f"{path} is a folder, not a data file; --task_name_or_path must hold train.json and "
                               "dev.json files")
-    if not path.is_file():
+    if not path.exists():
         raise DataFormatError(f"{path} not found: --task_name_or_path must hold train.json and dev.json")
+    check_regular_file(path, "data file")
     return path
 
 

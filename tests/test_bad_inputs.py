@@ -8,6 +8,7 @@ Cases run in-process through `errors.run_cli`, the same wrapper each script's `_
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,6 +66,11 @@ def assert_refused(main, argv, pattern, *watched):
 
 def copy_model(tiny_dir, model_type, dest):
     return Path(shutil.copytree(tiny_dir(model_type), dest))
+
+
+def fifo(path) -> Path:
+    os.mkfifo(path)
+    return Path(path)
 
 
 def write(path, data) -> Path:
@@ -202,6 +208,8 @@ FINETUNE_CASES = {
                           r"train\.json:1: holds NUL bytes"),
     "train data malformed": (lambda t, m: dict(task_name_or_path=task_folder(t, GOOD_RECORD + "{oops\n")),
                              r"train\.json:2: malformed JSON"),
+    "train.json is a FIFO": (lambda t, m: dict(task_name_or_path=fifo((t / "task3").mkdir() or t / "task3" /
+                                                     "train.json").parent), r"train\.json is a named pipe"),
     "train.json is a folder": (lambda t, m: dict(task_name_or_path=(t / "task2" / "train.json").mkdir(parents=True)
                                                  or t / "task2"), r"train\.json is a folder, not a data file"),
     "output in a read-only folder": (lambda t, m: dict(output_dir=UNWRITABLE / "tuned"), UNWRITABLE_PATTERN),
@@ -312,6 +320,10 @@ PREDICT_CASES = {
                        r"gbk\.json:1: not UTF-8 text"),
     "data file is a folder": (lambda t: dict(data_file=t / "task"), r"task is a folder, not a data file"),
     "data file missing": (lambda t: dict(data_file=t / "nope.json"), r"nope\.json: file not found"),
+    "data file is a FIFO": (lambda t: dict(data_file=fifo(t / "pipe.json")),
+                            r"pipe\.json is a named pipe \(FIFO\), not a data file"),
+    "data file is /dev/zero": (lambda t: dict(data_file="/dev/zero"), r"/dev/zero is a device, not a data file"),
+    "data file is /dev/urandom": (lambda t: dict(data_file="/dev/urandom"), r"/dev/urandom is a device"),
     "lora and prefix together": (lambda t: dict(lora_path=t / "task", prefix_path=t / "task"),
                                  r"--lora_path and --prefix_path cannot be combined"),
     "prefix path not a prefix folder": (lambda t: dict(prefix_path=t / "task"), r"is not a prefix folder"),
