@@ -11,6 +11,7 @@ Rules (README, "Bad input and what a command may overwrite"):
     the overwrite flag; an output file that is a folder (or a folder that is a file) is refused.
 Framework-free (no paddle / torch import), so qlora/ and ascend/ use the same rules.
 """
+import glob
 import json
 import os
 import shutil
@@ -183,6 +184,36 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _remove(path: Path) -> None:
+    """A folder, or a symlink the output was (rmtree refuses links, and ignore_errors would hide that)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_leftovers(output_dir: Path) -> None:
+    """Staging and replaced folders that `atomic_folder` left beside `output_dir` when its process was killed
+    (SIGTERM, SIGKILL, a power cut): gigabytes for a 6B export. Only this suite's names for `output_dir`
+    (`.NAME.staging.PID.*`, `.NAME.replaced.PID`) are touched, and only when process PID is gone, so a
+    concurrent run on the same output keeps its own."""
+    for leftover in output_dir.parent.glob(f".{glob.escape(output_dir.name)}.*"):
+        parts = leftover.name[len(output_dir.name) + 2:].split(".")
+        if len(parts) >= 2 and parts[0] in ("staging", "replaced") and parts[1].isdigit() \
+                and not _pid_alive(int(parts[1])):
+            _remove(leftover)
+
+
 @contextmanager
 def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dict = None,
                   flag: str = "--output_dir", replace: bool = True, details: dict = None):
@@ -198,7 +229,8 @@ def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dic
     allowed()
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging.", dir=output_dir.parent))
+    remove_stale_leftovers(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging.{os.getpid()}.", dir=output_dir.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model folder is meant to be shared
     old = None
     try:
@@ -220,4 +252,4 @@ def atomic_folder(output_dir, command: str, overwrite: bool = False, inputs: dic
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)

@@ -670,6 +670,43 @@ def test_make_tiny_model_never_empties_the_current_folder(tmp_path, monkeypatch)
                    r"already exists and is not written by this command \(it holds other\)", tmp_path)
 
 
+def dead_pid() -> int:
+    """The id of a process that has exited (and was reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_stale_staging_folders_are_removed_by_the_next_run_and_only_they(tmp_path):
+    """SIGTERM during an export left `.NAME.staging.*` beside the output that no later run removed (gigabytes for a
+    6B). The next write to the same output removes its own dead leftovers; a live run's, another output's and a
+    user's hidden folder stay."""
+    from glm_tune.safe_output import atomic_folder
+
+    out, gone = tmp_path / "infer", dead_pid()
+    stale = [write(tmp_path / f".infer.staging.{gone}.k2j3" / "chatglm.pdiparams", b"w" * 1000).parent,
+             write(tmp_path / f".infer.replaced.{gone}" / "chatglm.pdiparams", b"w").parent]
+    kept = [write(tmp_path / f".infer.staging.{os.getpid()}.live" / "x", b"live run").parent,  # a run in progress
+            write(tmp_path / f".other.staging.{gone}.a1" / "x", b"another output's").parent,
+            write(tmp_path / ".infer.notes" / "x", b"the user's").parent]
+    with atomic_folder(out, "test") as staging:
+        write(staging / "weights", b"new")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert (out / "weights").read_bytes() == b"new"
+
+
+def test_an_output_that_was_a_symlink_leaves_no_link_behind(tmp_path):
+    """make_tiny_model.py --output_dir LINK (a link to an earlier model): the link is replaced by the new folder,
+    the earlier model it pointed at is untouched, and no `.LINK.replaced.PID` link is left (rmtree refuses links)."""
+    from glm_tune.safe_output import atomic_folder
+
+    earlier = write(tmp_path / "earlier" / "model_state.pdparams", b"earlier").parent
+    (tmp_path / "link").symlink_to(earlier, target_is_directory=True)
+    with atomic_folder(tmp_path / "link", "test", overwrite=True) as staging:
+        write(staging / "model_state.pdparams", b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "link"]
+    assert not (tmp_path / "link").is_symlink() and (earlier / "model_state.pdparams").read_bytes() == b"earlier"
+
+
 def test_make_demo_data_keeps_a_users_data(tmp_path):
     folder = task_folder(tmp_path)
     assert_refused(make_demo_data.main, ["--output_dir", folder], r"--output_dir .*task already exists", tmp_path)
