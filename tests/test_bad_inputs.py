@@ -464,6 +464,9 @@ def damage_export(folder: Path, how: str, exports):
     elif how == "export of an earlier glm-tune":
         info = json.loads((folder / "chatglm.generation.json").read_text(encoding="utf-8"))
         write(folder / "chatglm.generation.json", json.dumps({**info, "format": "glm-tune step graph v1"}))
+    elif how == "only an unknown format":
+        info = json.loads((folder / "chatglm.generation.json").read_text(encoding="utf-8"))
+        write(folder / "chatglm.generation.json", json.dumps({**info, "formats": {"tensorrt-fp8": {}}}))
     elif how == "no tokenizer":
         (folder / "tokenizer.model").unlink()
     elif how == "no onnx graph":
@@ -486,10 +489,13 @@ INFER_DAMAGE = [
     ("export of an earlier glm-tune", [], r"describes a step graph from an earlier glm-tune \('glm-tune step graph "
                                           r"v1'.*it returned the whole cache at every step\); export the model again"),
     ("no tokenizer", [], r"has no tokenizer\.model .*or export the model again"),
+    ("only an unknown format", [], r"holds no graph this version can run \(it lists tensorrt-fp8; known: onnx, "),
+    ("only an unknown format", ["--precision", "int8"], r"holds no onnx-int8 graph \(it holds tensorrt-fp8\)"),
 ]
 
 
-@pytest.mark.parametrize("damage, extra, pattern", INFER_DAMAGE, ids=[d for d, _, _ in INFER_DAMAGE])
+@pytest.mark.parametrize("damage, extra, pattern", INFER_DAMAGE, ids=[d + " " * bool(e) + " ".join(e)
+                                                                      for d, e, _ in INFER_DAMAGE])
 def test_infer_refuses_a_damaged_export(damage, extra, pattern, exports, tmp_path):
     folder = export_copy(exports, tmp_path)
     damage_export(folder, damage, exports)

@@ -67,6 +67,11 @@ def choose_engine(info: dict, backend: str = None, precision: str = None) -> tup
     if wanted is None:
         raise EngineError(f"--backend {backend} runs only fp32 graphs; drop --precision {precision} or use "
                           "--backend onnxruntime")
+    known = set(FORMAT_OF.values())
+    if backend is None and precision is None:  # nothing was asked for: say that nothing here is runnable
+        raise EngineError(f"this export holds no graph this version can run (it lists {', '.join(sorted(formats))}; "
+                          f"known: {', '.join(sorted(known))}); export the model again with "
+                          "export_generation_model.py")
     raise EngineError(f"this export holds no {wanted} graph (it holds {', '.join(sorted(formats))}); export it with "
                       f"export_generation_model.py ... {EXPORT_FLAGS[wanted]}".rstrip())
 
