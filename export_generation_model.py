@@ -19,8 +19,7 @@ from argument import LengthArgument, ModelArgument, parse_dataclasses, require_f
 from glm_tune.errors import run_cli
 from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
-from glm_tune.safe_output import (OutputRefused, check_output_dir, check_target_folder, folder_is_empty,
-                                  folder_listing, read_owner)
+from glm_tune.safe_output import OutputRefused, check_target_folder, folder_is_empty, folder_listing, read_owner
 from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
 from glm_tune.deployment.step_model import (STEP_GRAPH_FORMAT, TIME_AXIS, GenerationStep, cache_names, cache_shape,
                                             input_specs)
@@ -71,17 +70,16 @@ def export_target(output_path: str, model_args, overwrite: bool) -> Path:
                             f"{DEFAULT_PREFIX}")
     else:
         target = Path(output_path)
-    folder, inputs = target.parent, {"--model_name_or_path": model_args.model_name_or_path,
-                                     "--lora_path": model_args.lora_path}
-    check_target_folder(folder, "--output_path's folder", inputs)  # an input, the working folder: named first
-    if folder.is_dir() and not folder_is_empty(folder) and (read_owner(folder) or {}).get("command") != COMMAND:
+    folder = check_target_folder(target.parent, "--output_path's folder",
+                                 {"--model_name_or_path": model_args.model_name_or_path,
+                                  "--lora_path": model_args.lora_path})
+    owner = read_owner(folder) or {}
+    if folder.is_dir() and not folder_is_empty(folder) and owner.get("command") != COMMAND:
         # An export replaces its whole folder; --overwrite may replace another export, never anything else.
         raise OutputRefused(f"--output_path's folder {folder} holds files no export wrote ({folder_listing(folder)}); "
                             "an export replaces its whole folder, so it never writes into such a folder, --overwrite "
                             f"or not. Nothing was changed: export into a new or empty folder, such as "
                             f"{folder / 'export' / target.name}")
-    folder = check_output_dir(folder, COMMAND, "--output_path's folder", inputs, overwrite)
-    owner = read_owner(folder) or {}
     if owner.get("command") == COMMAND and owner.get("prefix") != target.name and not overwrite:
         raise OutputRefused(f"{folder} already holds the export {owner.get('prefix')!r}, whose config and tokenizer "
                             f"files an export {target.name!r} would replace; export into another folder, or pass "
