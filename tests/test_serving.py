@@ -416,6 +416,27 @@ def test_openai_client_stream_and_non_stream_equal_infer_generation(server, engi
 
 
 @pytest.mark.slow
+def test_a_stop_string_cuts_the_stream_where_it_cuts_the_answer(server, engine_answers):
+    """The text before a stop string reaches a streaming client too (it was dropped with the stop: a stop at the
+    answer's second character streamed nothing), for stops at several places in each answer."""
+    url, _ = server
+    openai_client = client(url)
+    checked = 0
+    for prompt, expected in engine_answers.items():
+        for stop in {expected[i:i + 2] for i in (1, len(expected) // 2, len(expected) - 2) if 0 < i < len(expected)}:
+            if not stop.strip():
+                continue
+            response = openai_client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": prompt}], stop=stop)
+            content = response.choices[0].message.content
+            assert stop not in content and expected.startswith(content.strip()), (stop, content)
+            _, streamed = stream_answer(openai_client, prompt, stop=stop)
+            assert streamed == content, (prompt, stop)
+            checked += content != ""
+    assert checked >= 5
+
+
+@pytest.mark.slow
 def test_raw_stream_ends_with_done(server, engine_answers):
     url, _ = server
     # a prompt whose answer is long, so 5 tokens end it by length (a short chat answer may stop before)

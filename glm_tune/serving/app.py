@@ -140,8 +140,10 @@ class Run:
             kind, value = await self.events.get()
             if kind == "token":
                 delta = self.text.add(value)
-                if self.text.stopped:  # a stop string: the answer ends here
+                if self.text.stopped:  # a stop string: the answer ends here, after the text before it
                     self.row.cancel()
+                    if delta:
+                        yield "delta", delta
                     yield "finish", "stop"
                     return
                 yield "delta", delta
