@@ -99,6 +99,10 @@ def parse_tool_call(text: str):
                 and not call.args and all(k.arg for k in call.keywords)):
             return None
         arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        # Only arguments JSON can carry make a call (a set, bytes, a complex number, NaN are not): anything else
+        # is the model's plain text, as THUDM's server treats a call it cannot parse.
+        if json.loads(json.dumps(arguments, allow_nan=False)) != arguments:
+            return None
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return None
     return name, arguments

@@ -134,6 +134,20 @@ BAD_REQUESTS = [  # (body, status, param)
                    {"role": "assistant", "content": None,
                     "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "not json"}}]},
                    {"role": "tool", "content": "1"}]}, 400, "messages[1].tool_calls[0].function"),
+    # issue 26: each of these was a 500
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": 5},
+                   {"role": "user", "content": "y"}]}, 400, "messages[1].tool_calls"),
+    (request_body(messages=[{"role": "user", "content": "a\ud800b"}]), 400, None),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": None,
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": NaN}'}}]},
+                   {"role": "tool", "content": "1"}]}, 400, "messages[1].tool_calls[0].function"),
+    ({"messages": [{"role": "user", "content": "x"},
+                   {"role": "assistant", "content": None,
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1e309}'}}]},
+                   {"role": "tool", "content": "1"}]}, 400, "messages[1].tool_calls[0].function"),
+    (request_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"default": float("inf")}}}]),
+     400, "tools[0]"),
 ]
 
 
@@ -515,11 +529,34 @@ def test_a_client_killed_mid_stream_does_not_disturb_the_others(server, engine_a
     assert http("GET", f"{url}/health")[1]["running"] == 0  # the killed client's row was dropped
 
 
+@pytest.mark.parametrize("text", ["tool_call(city={'Rome', 'Oslo'})", "tool_call(data=b'x')", "tool_call(z=1j)",
+                                  "tool_call(x=...)", "tool_call(m={(1, 2): 3})", "tool_call(t=(1, 2))",
+                                  "tool_call(n=1e309)"])
+def test_a_generated_call_json_cannot_carry_is_plain_text(text, tiny_tokenizer):
+    """Literals that are not JSON arguments (issue 26: a 500 and a stream without [DONE]): the answer is the
+    model's plain text, as THUDM's server does with a call it cannot parse."""
+    from glm_tune.serving.answer_text import AnswerText
+
+    answer = f"get_weather\n```python\n{text}\n```"
+    assert parse_tool_call(answer) is None
+    assert parse_tool_call("get_weather\n```python\ntool_call(city='Rome', days=[1, 2])\n```") == (
+        "get_weather", {"city": "Rome", "days": [1, 2]})
+    tok = tiny_tokenizer("chatglm3")
+    stream = AnswerText(tok, tool_names=["get_weather"])
+    for token in tok.tokenizer.encode(answer):
+        stream.add(token)
+    rest, call = stream.finish()
+    assert call is None and "tool_call(" in stream.text
+
+
 @pytest.mark.slow
 def test_bad_calls_get_openai_errors_and_the_server_stays_up(server):
     url, _ = server
     completions = f"{url}/v1/chat/completions"
     cases = [
+        (http("POST", completions, raw=b"[" * 10000), 400, "invalid_json"),
+        (http("POST", completions, raw=b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400,
+         "invalid_text"),
         (http("POST", completions, raw=b"{not json"), 400, "invalid_json"),
         (http("POST", completions, raw=b"\xff\xfe"), 400, "invalid_json"),
         (http("POST", completions, {"messages": [{"role": "user", "content": "x"}] * 17}), 400, None),

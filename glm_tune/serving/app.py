@@ -113,6 +113,8 @@ async def read_json(http: HttpRequest, limit: int):
         return json.loads(bytes(data).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON ({str(err)[:120]})", code="invalid_json") from None
+    except RecursionError:  # thousands of nested brackets: deeper than any request means
+        raise ApiError(400, "the request body nests too deep to be a chat request", code="invalid_json") from None
 
 
 class Run:

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from data import ChatTurn, DataFormatError, tool_call_turn, tools_system_text
+from data import ChatTurn, DataFormatError, check_no_lone_surrogate, tool_call_turn, tools_system_text
 from glm_tune.serving.continuous_batching import Sampling
 
 
@@ -52,6 +52,11 @@ def parse_chat_request(body, prompt_format, generation: str, limits: Limits, def
     """Check every field the server uses and build the prompt ids; anything wrong is a 400 naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # JSON may escape half of a UTF-16 pair; the tokenizer would fail on it deep inside (a 500)
+        check_no_lone_surrogate(body, "the request")
+    except DataFormatError as err:
+        raise ApiError(400, str(err).replace("fix its escape in the file", "send whole characters"),
+                       code="invalid_text") from None
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -180,6 +185,8 @@ def _turns(messages: list, generation: str) -> List[ChatTurn]:
                                   _text(content, where)))
             continue
         calls = message.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise ApiError(400, f"{where}.tool_calls must be a list of tool calls", f"{where}.tool_calls")
         text = _text(message.get("content"), where, allow_none=bool(calls))
         if text or not calls:
             turns.append(ChatTurn("assistant", text))
@@ -195,10 +202,12 @@ def _call_turn(call, where: str) -> ChatTurn:
         raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", where)
     try:
         arguments = json.loads(function.get("arguments") or "{}")
-    except (TypeError, ValueError):
+        json.dumps(arguments, allow_nan=False)  # Python's reader takes NaN, Infinity and 1e309; JSON has none
+    except (TypeError, ValueError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
-        raise ApiError(400, f"{where}.function.arguments must be a JSON object in a string", f"{where}.function")
+        raise ApiError(400, f"{where}.function.arguments must be a JSON object in a string (finite numbers only)",
+                       f"{where}.function")
     try:
         return tool_call_turn(function["name"], arguments)
     except DataFormatError as err:
@@ -222,6 +231,11 @@ def _tools(body: dict, generation: str) -> List[dict]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ApiError(400, f"tools[{number}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
                            f"tools[{number}]")
+        try:
+            json.dumps(function, allow_nan=False)
+        except ValueError:
+            raise ApiError(400, f"tools[{number}] holds a number JSON cannot carry (NaN or infinite)",
+                           f"tools[{number}]") from None
         functions.append(function)
     return [] if choice == "none" else functions
 
