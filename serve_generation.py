@@ -48,6 +48,10 @@ class ServeArgument:
     max_messages: int = field(default=256, metadata={"help": "Most messages in one request."})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "Largest request body in bytes (413 above)."})
     ui: bool = field(default=False, metadata={"help": "Also serve a streaming chat page at / (same scheduler)."})
+    allowed_hosts: Optional[str] = field(default=None, metadata={
+        "help": "On a loopback --host, the Host header must name 127.0.0.1, localhost or ::1 (so a web page cannot "
+                "reach the server through DNS rebinding): comma-separated extra names to accept, e.g. a proxy's. "
+                "On another --host, when given, the only names accepted."})
 
     def __post_init__(self):
         require_flag(0 < self.port < 65536, f"--port {self.port} must be in 1..65535")
@@ -79,7 +83,25 @@ def build_app(engine_args, gen_args, serve_args):
     name = serve_args.served_model_name or Path(engine_args.model_path).resolve().name
     served = ServedModel(name, model.generation, model.tokenizer, get_prompt_format(model.generation, model.tokenizer),
                          scheduler, limits, sampling)
-    return create_app(served, serve_args.api_key, serve_args.max_body_bytes, serve_args.ui), scheduler
+    return create_app(served, serve_args.api_key, serve_args.max_body_bytes, serve_args.ui,
+                      allowed_hosts(serve_args)), scheduler
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def allowed_hosts(serve_args):
+    """The Host names a loopback server answers (None, any, on other addresses: --api_key guards those)."""
+    extra = {h.strip().lower() for h in (serve_args.allowed_hosts or "").split(",") if h.strip()}
+    if not is_loopback(serve_args.host):
+        return frozenset(extra) if extra else None
+    from glm_tune.serving.app import LOOPBACK_NAMES
+
+    return LOOPBACK_NAMES | {serve_args.host.lower()} | extra
 
 
 def check_address(host: str, port: int) -> None:
@@ -94,11 +116,7 @@ def check_address(host: str, port: int) -> None:
 
 
 def warn_if_open(serve_args) -> None:
-    try:
-        loopback = ipaddress.ip_address(serve_args.host).is_loopback
-    except ValueError:
-        loopback = serve_args.host == "localhost"
-    if not loopback and serve_args.api_key is None:
+    if not is_loopback(serve_args.host) and serve_args.api_key is None:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model",
                        serve_args.host)
 

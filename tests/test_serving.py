@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import pytest
@@ -458,7 +459,7 @@ def test_raw_stream_ends_with_done(server, engine_answers):
     assert len(engine_answers[prompt]) > 20
     body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 5}
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {KEY}"})
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.read().decode().splitlines() if line.startswith("data:")]
@@ -493,7 +494,7 @@ KILLED_CLIENT = """
 import sys, urllib.request, json
 request = urllib.request.Request(sys.argv[1] + "/v1/chat/completions", data=json.dumps({"messages": [
     {"role": "user", "content": "你好"}], "stream": True, "max_tokens": 20000 // 10}).encode(),
-    headers={"Authorization": "Bearer " + sys.argv[2]})
+    headers={"Authorization": "Bearer " + sys.argv[2], "Content-Type": "application/json"})
 response = urllib.request.urlopen(request, timeout=60)
 for _ in range(4):
     response.readline()
@@ -549,12 +550,31 @@ def test_a_generated_call_json_cannot_carry_is_plain_text(text, tiny_tokenizer):
     assert call is None and "tool_call(" in stream.text
 
 
+def test_the_host_names_a_server_answers():
+    from types import SimpleNamespace
+
+    from glm_tune.serving.app import host_name
+    from serve_generation import allowed_hosts
+
+    assert [host_name(h) for h in ("127.0.0.1:8000", "[::1]:8000", "LocalHost", "evil.example:80", "")] == [
+        "127.0.0.1", "::1", "localhost", "evil.example", ""]
+    loopback = allowed_hosts(SimpleNamespace(host="127.0.0.1", allowed_hosts="chat.internal, Proxy"))
+    assert loopback == {"127.0.0.1", "localhost", "::1", "chat.internal", "proxy"}
+    assert allowed_hosts(SimpleNamespace(host="0.0.0.0", allowed_hosts=None)) is None  # --api_key guards it
+    assert allowed_hosts(SimpleNamespace(host="0.0.0.0", allowed_hosts="gpu-box")) == {"gpu-box"}
+
+
 @pytest.mark.slow
 def test_bad_calls_get_openai_errors_and_the_server_stays_up(server):
     url, _ = server
     completions = f"{url}/v1/chat/completions"
     cases = [
         (http("POST", completions, raw=b"[" * 10000), 400, "invalid_json"),
+        # a page on another domain pointed at 127.0.0.1 (DNS rebinding), and a browser's preflight-free POST
+        (http("POST", completions, request_body(), headers={"Host": "attacker.example"}), 400, "host_not_allowed"),
+        (http("GET", f"{url}/health", headers={"Host": "attacker.example:80"}), 400, "host_not_allowed"),
+        (http("POST", completions, request_body(), headers={"Content-Type": "text/plain"}), 415,
+         "unsupported_media_type"),
         (http("POST", completions, raw=b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'), 400,
          "invalid_text"),
         (http("POST", completions, raw=b"{not json"), 400, "invalid_json"),
@@ -577,6 +597,7 @@ def test_bad_calls_get_openai_errors_and_the_server_stays_up(server):
         if code:
             assert body["error"]["code"] == code
     assert http("GET", f"{url}/health")[0] == 200
+    assert http("GET", f"{url}/health", headers={"Host": f"localhost:{urlsplit(url).port}"})[0] == 200
     import openai
 
     with pytest.raises(openai.AuthenticationError):

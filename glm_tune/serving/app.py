@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -39,9 +40,28 @@ class ServedModel:
     sampling: Sampling
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header without its port ("[::1]:8000" -> "::1"), lower-case."""
+    return (urlsplit("//" + header).hostname or "").lower() if header else ""
+
+
 def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               ui: bool = False) -> FastAPI:
+               ui: bool = False, allowed_hosts: Optional[frozenset] = None) -> FastAPI:
+    """`allowed_hosts`: the names a request's Host header may carry (None: any). A server on a loopback address
+    passes its names: a web page the user visits can point its own domain at 127.0.0.1 (DNS rebinding) and read
+    the answers, and only the Host header tells such a request apart."""
     app = FastAPI(title="glm-tune", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def check_host(http: HttpRequest, call_next):
+        if allowed_hosts is not None and host_name(http.headers.get("host", "")) not in allowed_hosts:
+            error = ApiError(400, f"Host {http.headers.get('host', '')!r} is not one this server answers "
+                                  "(--allowed_hosts adds names)", code="host_not_allowed")
+            return JSONResponse(error.body(), status_code=error.status)
+        return await call_next(http)
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
@@ -83,6 +103,10 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         authorize(http)
+        kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a browser sends text/plain cross-site without asking first
+            raise ApiError(415, f"the body must be sent as Content-Type: application/json (got {kind or 'none'!r})",
+                           code="unsupported_media_type")
         body = await read_json(http, max_body_bytes)
         request = parse_chat_request(body, model.prompt_format, model.generation, model.limits, model.sampling)
         run = Run(model, request)
