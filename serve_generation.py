@@ -38,7 +38,8 @@ class ServeArgument:
     api_key: Optional[str] = field(default=None, metadata={
         "help": f"Require 'Authorization: Bearer KEY' on every call (or set {API_KEY_VARIABLE}; the flag wins)."})
     served_model_name: Optional[str] = field(default=None, metadata={
-        "help": "Model id in /v1/models and responses (default: the export folder's name)."})
+        "help": "Model id in /v1/models and responses (default: the export folder's name); comma-separated for "
+                "aliases a request's model may also use. Any other model gets 404 model_not_found, as OpenAI."})
     max_batch: int = field(default=8, metadata={"help": "Most requests decoded together; more wait in a queue."})
     max_waiting: int = field(default=64, metadata={"help": "Most requests waiting for a batch row; more get 429."})
     max_tokens_limit: Optional[int] = field(default=None, metadata={
@@ -80,9 +81,11 @@ def build_app(engine_args, gen_args, serve_args):
                         top_p=gen_args.top_p, top_k=gen_args.top_k)
     scheduler = Scheduler(model.engine, model.feeds, stop_token_ids(model.tokenizer, model.generation),
                           max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting).start()
-    name = serve_args.served_model_name or Path(engine_args.model_path).resolve().name
-    served = ServedModel(name, model.generation, model.tokenizer, get_prompt_format(model.generation, model.tokenizer),
-                         scheduler, limits, sampling)
+    names = [n.strip() for n in (serve_args.served_model_name or "").split(",") if n.strip()] or [
+        Path(engine_args.model_path).resolve().name]
+    served = ServedModel(names[0], model.generation, model.tokenizer,
+                         get_prompt_format(model.generation, model.tokenizer), scheduler, limits, sampling,
+                         tuple(names[1:]))
     return create_app(served, serve_args.api_key, serve_args.max_body_bytes, serve_args.ui,
                       allowed_hosts(serve_args)), scheduler
 

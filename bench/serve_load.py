@@ -36,7 +36,8 @@ def start_server(export: Path, args):
     from tools.local_server import start_server as launch
 
     return launch(export, args.work_dir / "serve_load.log", "--backend", "onnxruntime", "--precision",
-                  args.precision, "--threads", args.threads, "--max_batch", args.max_batch, timeout=120)
+                  args.precision, "--threads", args.threads, "--max_batch", args.max_batch, "--served_model_name",
+                  "bench", timeout=120)
 
 
 def one_stream(connection, prompt: str, max_tokens: int) -> dict:

@@ -66,5 +66,5 @@ def decode_text(tokenizer, ids: List[int]) -> str:
 
 def decode_answer(tokenizer, ids: List[int]) -> str:
     """Answer text: `decode_text` without surrounding whitespace (ChatGLM3's answers open with a newline, the end
-    of its empty metadata line)."""
-    return decode_text(tokenizer, ids).strip()
+    of its empty metadata line), nor the U+FFFD of a character whose bytes were cut off by the token limit."""
+    return decode_text(tokenizer, ids).strip().rstrip("\ufffd").rstrip()

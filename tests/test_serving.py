@@ -149,7 +149,55 @@ BAD_REQUESTS = [  # (body, status, param)
                    {"role": "tool", "content": "1"}]}, 400, "messages[1].tool_calls[0].function"),
     (request_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"default": float("inf")}}}]),
      400, "tools[0]"),
+    # OpenAI fields this server does not implement are refused by name, not ignored
+    (request_body(frequency_penalty=0.5), 400, "frequency_penalty"),
+    (request_body(presence_penalty=-1), 400, "presence_penalty"),
+    (request_body(logit_bias={"5": 10}), 400, "logit_bias"),
+    (request_body(response_format={"type": "json_object"}), 400, "response_format"),
 ]
+
+
+def test_neutral_values_of_the_unimplemented_fields_are_accepted(tiny_tokenizer):
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import Limits, parse_chat_request
+
+    fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
+    body = request_body(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, response_format={"type": "text"})
+    assert parse_chat_request(body, fmt, "chatglm3", Limits(), Sampling()).prompt_ids
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_head_health_is_answered(tiny_tokenizer):
+    from starlette.testclient import TestClient
+
+    from glm_tune.serving.app import ServedModel, create_app
+    from glm_tune.serving.continuous_batching import Sampling, Scheduler
+    from glm_tune.serving.openai_protocol import Limits
+
+    tok = tiny_tokenizer("chatglm3")
+    full = Scheduler(engine=None, feeds=None, stop_ids=[], max_batch=1, max_waiting=0)  # never started: always full
+    app = create_app(ServedModel("m", "chatglm3", tok, get_prompt_format("chatglm3", tok), full, Limits(),
+                                 Sampling()), allowed_hosts=frozenset({"testserver"}))
+    with TestClient(app) as http_client:
+        busy = http_client.post("/v1/chat/completions", json=request_body(model="m"))
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "server_busy"
+        assert http_client.head("/health").status_code == 200
+        missing = http_client.post("/v1/chat/completions", json=request_body(model="gpt-4o"))
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_answer_cut_mid_character_does_not_end_in_a_replacement_character(tiny_tokenizer):
+    tok = tiny_tokenizer("chatglm3")
+    ids = tok.tokenizer.encode("好😀")
+    cut = next(ids[:k] for k in range(len(ids), 0, -1) if decode_text_of(tok, ids[:k]).endswith("\ufffd"))
+    assert decode_answer(tok, cut) == decode_text_of(tok, cut).rstrip("\ufffd").strip()
+    assert "\ufffd" not in decode_answer(tok, cut)
+
+
+def decode_text_of(tok, ids):
+    from glm_tune.generation import decode_text
+
+    return decode_text(tok, ids)
 
 
 @pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
@@ -355,7 +403,8 @@ def server(exported, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "serve_generation.py", "--model_path", str(folder), "--port", str(port),
-                             "--backend", "onnxruntime", "--precision", "fp32", "--api_key", KEY, "--ui", "True",
+                             "--served_model_name", f"{SERVED},x", "--backend", "onnxruntime", "--precision", "fp32",
+                             "--api_key", KEY, "--ui", "True",
                              "--max_batch", "8", "--max_messages", "16", "--max_body_bytes", "65536"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -376,6 +425,9 @@ def server(exported, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+SERVED = "glm-test"  # the test server's model id; "x" is its alias, so any other name is a 404
 
 
 def client(url, key=KEY):
@@ -415,7 +467,8 @@ def engine_answers(server, demo_data, tmp_path_factory):
 def test_openai_client_stream_and_non_stream_equal_infer_generation(server, engine_answers):
     url, _ = server
     openai_client = client(url)
-    assert [m.id for m in openai_client.models.list().data] == [Path(server[1]).name]
+    listed = openai_client.models.list().data
+    assert [m.id for m in listed] == [SERVED] and abs(listed[0].created - time.time()) < 3600
     assert len(set(engine_answers.values())) > 2
     for prompt, expected in engine_answers.items():
         response = openai_client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompt}])
@@ -570,6 +623,7 @@ def test_bad_calls_get_openai_errors_and_the_server_stays_up(server):
     completions = f"{url}/v1/chat/completions"
     cases = [
         (http("POST", completions, raw=b"[" * 10000), 400, "invalid_json"),
+        (http("POST", completions, request_body(model="gpt-4o")), 404, "model_not_found"),
         # a page on another domain pointed at 127.0.0.1 (DNS rebinding), and a browser's preflight-free POST
         (http("POST", completions, request_body(), headers={"Host": "attacker.example"}), 400, "host_not_allowed"),
         (http("GET", f"{url}/health", headers={"Host": "attacker.example:80"}), 400, "host_not_allowed"),

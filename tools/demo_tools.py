@@ -59,7 +59,8 @@ def tool_round_trip(url: str, question: str) -> dict:
     client = OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0, timeout=300)
     tools = [{"type": "function", "function": tool} for tool in TOOLS]
     messages = [{"role": "user", "content": question}]
-    reply = client.chat.completions.create(model="chatglm3", messages=messages, tools=tools, max_tokens=64).choices[0]
+    model = client.models.list().data[0].id  # the server answers only the model it serves
+    reply = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=64).choices[0]
     if reply.finish_reason != "tool_calls":
         return {"question": question, "call": None, "answer": reply.message.content}
     call = reply.message.tool_calls[0]
@@ -70,7 +71,7 @@ def tool_round_trip(url: str, question: str) -> dict:
         result = {"error": f"{type(err).__name__}: {err}"}
     messages += [reply.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result, ensure_ascii=False)}]
-    final = client.chat.completions.create(model="chatglm3", messages=messages, tools=tools, max_tokens=64)
+    final = client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=64)
     return {"question": question, "call": f"{call.function.name}({call.function.arguments})", "result": result,
             "answer": final.choices[0].message.content}
 

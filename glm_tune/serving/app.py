@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm_tune.serving.answer_text import AnswerText
 from glm_tune.serving.continuous_batching import Request, Sampling, Scheduler, ServerBusy
-from glm_tune.serving.openai_protocol import ApiError, Completion, Limits, parse_chat_request, usage
+from glm_tune.serving.openai_protocol import ApiError, Completion, Limits, check_model, parse_chat_request, usage
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class ServedModel:
     scheduler: Scheduler
     limits: Limits
     sampling: Sampling
+    aliases: tuple = ()  # more names a request's "model" may use (--served_model_name A,B,...)
 
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -54,6 +55,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
     passes its names: a web page the user visits can point its own domain at 127.0.0.1 (DNS rebinding) and read
     the answers, and only the Host header tells such a request apart."""
     app = FastAPI(title="glm-tune", docs_url=None, redoc_url=None, openapi_url=None)
+    started = int(time.time())  # /v1/models' "created": when this server put the model up
 
     @app.middleware("http")
     async def check_host(http: HttpRequest, call_next):
@@ -65,7 +67,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
 
     @app.exception_handler(ApiError)
     async def api_error(_, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, err: StarletteHTTPException):
@@ -87,7 +89,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                                 "key the server was started with", code="invalid_api_key")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(http: HttpRequest):
         authorize(http)
         scheduler = model.scheduler
@@ -97,7 +99,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
     @app.get("/v1/models")
     async def models(http: HttpRequest):
         authorize(http)
-        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": model.name, "object": "model", "created": started,
                                             "owned_by": "glm-tune"}]}
 
     @app.post("/v1/chat/completions")
@@ -108,6 +110,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
             raise ApiError(415, f"the body must be sent as Content-Type: application/json (got {kind or 'none'!r})",
                            code="unsupported_media_type")
         body = await read_json(http, max_body_bytes)
+        check_model(body, (model.name, *model.aliases))
         request = parse_chat_request(body, model.prompt_format, model.generation, model.limits, model.sampling)
         run = Run(model, request)
         if request.stream:
@@ -157,7 +160,8 @@ class Run:
         try:
             model.scheduler.submit(self.row)
         except ServerBusy as err:
-            raise ApiError(429, f"server busy: {err}", code="server_busy", kind="rate_limit_error") from None
+            raise ApiError(429, f"server busy: {err}", code="server_busy", kind="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
         self.started = time.perf_counter()
 
     async def events_until_done(self):

@@ -17,9 +17,10 @@ class ApiError(Exception):
     """A request the server refuses: HTTP status plus OpenAI's {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, param: str = None, code: str = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -68,6 +69,7 @@ def parse_chat_request(body, prompt_format, generation: str, limits: Limits, def
         raise ApiError(400, f"n={n!r}: this server returns one choice per request; send n=1 or leave it out", "n")
     if body.get("logprobs"):
         raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+    _refuse_unsupported(body)
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -83,6 +85,30 @@ def parse_chat_request(body, prompt_format, generation: str, limits: Limits, def
         raise ApiError(400, str(err), "messages") from None
     request.max_tokens = _max_tokens(body, len(request.prompt_ids), limits)
     return request
+
+
+def check_model(body, names) -> None:
+    """OpenAI answers a model it does not serve with 404 model_not_found; so does this server (`names`: the
+    served id and its aliases). A request without `model` is taken as asking for the served one."""
+    if isinstance(body, dict) and "model" in body and body["model"] not in names:
+        raise ApiError(404, f"the model {body['model']!r} does not exist on this server; it serves {names[0]!r} "
+                            "(GET /v1/models)", "model", code="model_not_found")
+
+
+# Fields OpenAI accepts that this server does not implement, with the value that means "not used": anything else
+# is refused by name rather than silently ignored.
+UNSUPPORTED_FIELDS = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
+                      "logit_bias": (None, {}), "top_logprobs": (None, 0)}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for key, neutral in UNSUPPORTED_FIELDS.items():
+        if key in body and not any(body[key] == v and type(body[key]) is type(v) for v in neutral):
+            raise ApiError(400, f"{key} is not supported by this server; leave it out", key)
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise ApiError(400, "response_format: this server writes plain text only ({'type': 'text'}); JSON modes "
+                            "are not supported", "response_format")
 
 
 def _boolean(obj: dict, key: str, default: bool, param: str = None) -> bool:
