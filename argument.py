@@ -36,6 +36,11 @@ def parse_dataclasses(groups, argv=None):
         raise ArgumentError(str(err)) from None
 
 
+def comma_list(value: Optional[str]) -> list:
+    """The non-empty, stripped items of a comma-separated flag value ("a, b," -> ["a", "b"]; None -> [])."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 def require_flag(condition: bool, message: str) -> None:
     if not condition:
         raise ArgumentError(message)

@@ -19,7 +19,6 @@ are cut at `tgt_length` and always end with the end-of-answer token. Formats cou
 """
 import ast
 import json
-import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,14 @@ def tools_system_text(tools: list) -> str:
     return TOOLS_PREAMBLE + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
 
 
+def _finite_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
+
+
 def tool_call_turn(name: str, arguments: dict) -> ChatTurn:
     """An assistant turn that calls `name`: metadata = the name, content = a fenced `tool_call(k=v, ...)` with
     Python literals (how THUDM's tool-use fine-tuning data renders calls)."""
@@ -78,6 +85,10 @@ def tool_call_turn(name: str, arguments: dict) -> ChatTurn:
     if bad:
         raise DataFormatError(f"tool {name!r}: argument names {bad} are not identifiers; tool_call(...) cannot "
                               "carry them")
+    not_json = [k for k, v in arguments.items() if not _finite_json(v)]
+    if not_json:  # Python's JSON reader takes NaN, Infinity and 1e309; JSON has none, and the call is JSON's
+        raise DataFormatError(f"parameters {not_json} are NaN or infinite (tool {name!r}); a tool call's arguments "
+                              "must be JSON values")
     call = ast.Call(func=ast.Name(id="tool_call"), args=[],
                     keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in arguments.items()])
     return ChatTurn("assistant", "```python\n" + ast.unparse(call) + "\n```", metadata=name)
@@ -263,10 +274,6 @@ def record_to_conversation(record, where: str) -> Example:
                 raise DataFormatError(f"{at}: a 'tool' message needs 'name' (the tool called)")
             if not isinstance(arguments, dict):
                 raise DataFormatError(f"{at}: a 'tool' message needs 'parameters' (an object of the call's arguments)")
-            not_finite = [k for k, v in arguments.items() if isinstance(v, float) and not math.isfinite(v)]
-            if not_finite:  # JSON has no NaN / Infinity; Python's reader accepts them, a tool call cannot carry them
-                raise DataFormatError(f"{at}: parameters {not_finite} are NaN or infinite; a tool call's arguments "
-                                      "must be JSON values")
             try:
                 call = tool_call_turn(name, arguments)
             except DataFormatError as err:
@@ -306,7 +313,7 @@ def answer_text(turn: ChatTurn) -> str:
     return f"{turn.metadata}\n{turn.content}" if turn.metadata else turn.content
 
 
-def check_no_lone_surrogate(value, where: str) -> None:
+def check_no_lone_surrogate(value, where: str, fix: str = "fix its escape in the file") -> None:
     """JSON may escape half of a UTF-16 pair ("\\ud800") that is no character: the tokenizer fails on it deep
     inside, so such a record is refused here, naming it."""
     pending = [value]  # a stack, not recursion: a record may nest as deep as the JSON parser allowed
@@ -317,8 +324,7 @@ def check_no_lone_surrogate(value, where: str) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError as err:
                 raise DataFormatError(f"{where}: text holds a lone surrogate (U+{ord(value[err.start]):04X}, half "
-                                      f"of a UTF-16 pair, at character {err.start}); fix its escape in the file"
-                                      ) from None
+                                      f"of a UTF-16 pair, at character {err.start}); {fix}") from None
         elif isinstance(value, dict):
             pending += [*value.keys(), *value.values()]
         elif isinstance(value, list):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import paddle
 
-from argument import LengthArgument, ModelArgument, parse_dataclasses, require_flag
+from argument import LengthArgument, ModelArgument, comma_list, parse_dataclasses, require_flag
 from glm_tune.errors import run_cli
 from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
@@ -49,7 +49,7 @@ class ExportArgument:
     def __post_init__(self):
         require_flag(self.dtype in ("float32", "float16", "bfloat16"),
                      f"--dtype {self.dtype!r}: choose float32, float16 or bfloat16")
-        self.quantizations = [q.strip() for q in (self.quantize or "").split(",") if q.strip()]
+        self.quantizations = comma_list(self.quantize)
         unknown = [q for q in self.quantizations if q not in QUANTIZATIONS]
         require_flag(not unknown, f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)} "
                                   "(comma-separated for several)")

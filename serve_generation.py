@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from argument import ArgumentError, EngineArgument, GenerateArgument, parse_dataclasses, require_flag
+from argument import (ArgumentError, EngineArgument, GenerateArgument, comma_list, parse_dataclasses,
+                      require_flag)
 from data import get_prompt_format
 from glm_tune.deployment.exported_model import open_export
 from glm_tune.errors import run_cli
@@ -81,8 +82,7 @@ def build_app(engine_args, gen_args, serve_args):
                         top_p=gen_args.top_p, top_k=gen_args.top_k)
     scheduler = Scheduler(model.engine, model.feeds, stop_token_ids(model.tokenizer, model.generation),
                           max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting).start()
-    names = [n.strip() for n in (serve_args.served_model_name or "").split(",") if n.strip()] or [
-        Path(engine_args.model_path).resolve().name]
+    names = comma_list(serve_args.served_model_name) or [Path(engine_args.model_path).resolve().name]
     served = ServedModel(names[0], model.generation, model.tokenizer,
                          get_prompt_format(model.generation, model.tokenizer), scheduler, limits, sampling,
                          tuple(names[1:]))
@@ -99,7 +99,7 @@ def is_loopback(host: str) -> bool:
 
 def allowed_hosts(serve_args):
     """The Host names a loopback server answers (None, any, on other addresses: --api_key guards those)."""
-    extra = {h.strip().lower() for h in (serve_args.allowed_hosts or "").split(",") if h.strip()}
+    extra = {h.lower() for h in comma_list(serve_args.allowed_hosts)}
     if not is_loopback(serve_args.host):
         return frozenset(extra) if extra else None
     from glm_tune.serving.app import LOOPBACK_NAMES

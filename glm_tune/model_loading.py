@@ -115,9 +115,9 @@ def check_model_folder(model_dir, generation: str) -> None:
 
 
 # Sizes a config.json may hold (each generation names some differently); each must be a positive whole number.
-_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_layers", "vocab_size", "padded_vocab_size",
-              "kv_channels", "multi_query_group_num", "ffn_hidden_size", "inner_hidden_size", "seq_length",
-              "max_sequence_length")
+_SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_layers", "vocab_size",
+              "padded_vocab_size", "kv_channels", "multi_query_group_num", "ffn_hidden_size", "inner_hidden_size",
+              "seq_length", "max_sequence_length")
 
 
 def check_config_sizes(config: dict, where) -> None:

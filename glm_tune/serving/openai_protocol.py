@@ -54,10 +54,9 @@ def parse_chat_request(body, prompt_format, generation: str, limits: Limits, def
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:  # JSON may escape half of a UTF-16 pair; the tokenizer would fail on it deep inside (a 500)
-        check_no_lone_surrogate(body, "the request")
+        check_no_lone_surrogate(body, "the request", fix="send whole characters")
     except DataFormatError as err:
-        raise ApiError(400, str(err).replace("fix its escape in the file", "send whole characters"),
-                       code="invalid_text") from None
+        raise ApiError(400, str(err), code="invalid_text") from None
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -228,12 +227,10 @@ def _call_turn(call, where: str) -> ChatTurn:
         raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", where)
     try:
         arguments = json.loads(function.get("arguments") or "{}")
-        json.dumps(arguments, allow_nan=False)  # Python's reader takes NaN, Infinity and 1e309; JSON has none
     except (TypeError, ValueError, RecursionError):
         arguments = None
     if not isinstance(arguments, dict):
-        raise ApiError(400, f"{where}.function.arguments must be a JSON object in a string (finite numbers only)",
-                       f"{where}.function")
+        raise ApiError(400, f"{where}.function.arguments must be a JSON object in a string", f"{where}.function")
     try:
         return tool_call_turn(function["name"], arguments)
     except DataFormatError as err:
