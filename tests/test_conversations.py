@@ -140,6 +140,9 @@ BAD_CONVERSATIONS = [
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f", "parameters": {"a": NAN}}]},
      r"conversations\[1\]: parameters \['a'\] are NaN or infinite"),
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f",
+                                                          "parameters": {"c": [1, NAN]}}]},
+     r"parameters \['c'\] are NaN or infinite"),  # nested too
+    ({"conversations": [{"role": "user", "content": "x"}, {"role": "tool", "name": "f",
                                                           "parameters": {"b": float("inf")}}]},
      r"parameters \['b'\] are NaN or infinite"),
     ({"conversations": [{"role": "user", "content": "x"}, {"role": "observation", "content": "3"},
