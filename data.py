@@ -539,9 +539,12 @@ class ChatGLM3Format(ChatGLM2Format):
 
     ROLES = ("system", "user", "assistant", "observation")
 
+    def role_id(self, role: str) -> int:
+        return self.tokenizer.get_command(f"<|{role}|>")
+
     def message(self, role: str, text: str, metadata: str = "") -> List[int]:
         # the role's special id, then metadata line and text encoded apart, as build_single_message does
-        return [self.tokenizer.get_command(f"<|{role}|>")] + self.encode(metadata + "\n") + self.encode(text)
+        return [self.role_id(role)] + self.encode(metadata + "\n") + self.encode(text)
 
     def chat_prompt_ids(self, turns) -> List[int]:
         """A whole conversation in role tokens (tool calls and observations too), ending with the answer cue."""
@@ -562,7 +565,7 @@ class ChatGLM3Format(ChatGLM2Format):
         return ids + self.message("user", query)
 
     def suffix_ids(self):
-        return [self.tokenizer.get_command("<|assistant|>")]
+        return [self.role_id("assistant")]
 
     def conversation_features(self, turns, src_length: int, tgt_length: int, is_test: bool = False,
                               shift: bool = True):

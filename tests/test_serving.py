@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -151,11 +152,34 @@ BAD_REQUESTS = [  # (body, status, param)
     (request_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"default": float("inf")}}}]),
      400, "tools[0]"),
     # OpenAI fields this server does not implement are refused by name, not ignored
-    (request_body(frequency_penalty=0.5), 400, "frequency_penalty"),
-    (request_body(presence_penalty=-1), 400, "presence_penalty"),
+    (request_body(frequency_penalty=2.5), 400, "frequency_penalty"),
+    (request_body(presence_penalty="high"), 400, "presence_penalty"),
     (request_body(logit_bias={"5": 10}), 400, "logit_bias"),
     (request_body(response_format={"type": "json_object"}), 400, "response_format"),
 ]
+
+
+def test_frequency_and_presence_penalties_lower_the_answers_own_tokens(tiny_tokenizer):
+    """OpenAI's rule on the logits: minus frequency x count, minus presence once present; 0 changes nothing."""
+    import numpy as np
+
+    from glm_tune.serving.continuous_batching import Request, Sampling, Scheduler
+    from glm_tune.serving.openai_protocol import Limits, parse_chat_request
+
+    fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
+    sampling = parse_chat_request(request_body(frequency_penalty=0.5, presence_penalty=1), fmt, "chatglm3", Limits(),
+                                  Sampling()).sampling
+    assert (sampling.frequency_penalty, sampling.presence_penalty) == (0.5, 1.0)
+    scheduler = Scheduler(engine=None, feeds=None, stop_ids=[])
+    rows = [Request([1], 8, print, print, print, sampling=s) for s in (sampling, Sampling())]
+    for row in rows:
+        row.tokens = [3, 3, 1]
+    logits = np.array([[1.0, 2.0, 3.0, 4.0]] * 2, dtype="float32")
+    chosen = scheduler._choose(logits.copy(), rows)
+    assert chosen.tolist() == [2, 3]  # token 3: 4 - (0.5 x 2 + 1) = 2 < 3; the row without penalties keeps 3
+    from glm_tune.serving.continuous_batching import penalize
+
+    assert penalize(logits[0], [3, 3, 1], sampling).tolist() == [1.0, 0.5, 3.0, 2.0]
 
 
 def test_neutral_values_of_the_unimplemented_fields_are_accepted(tiny_tokenizer):
@@ -360,6 +384,63 @@ def test_a_tool_call_is_held_back_and_returned_whole(tiny_tokenizer):
     assert other.finish() == (decode_answer(tok, ids), None) and other.text.startswith("rm_rf\n")
     plain = AnswerText(tok, tool_names=["get_weather"])
     assert "".join(plain.add(i) for i in fmt.encode("\n") + fmt.encode("今天很好")) + plain.finish()[0] == "今天很好"
+
+
+class ScriptedScheduler:
+    """Stands in for the engine's scheduler where a test needs a given answer: every request is answered with
+    `ids`, from another thread, as the scheduler's thread does."""
+
+    def __init__(self, ids):
+        self.ids, self.running, self.stats = ids, 0, {}
+        self.waiting = SimpleNamespace(qsize=lambda: 0)
+
+    def submit(self, row):
+        def answer():
+            for token in self.ids:
+                if row.cancelled:
+                    return
+                row.on_token(token)
+            row.on_finish("stop")
+
+        threading.Thread(target=answer, daemon=True).start()
+
+
+def test_a_thought_then_a_call_in_a_second_assistant_turn_is_content_and_a_tool_call(tiny_tokenizer):
+    """THUDM's layout (issue 26.6): `\\n<thought><|assistant|>get_weather\\n```python\\ntool_call(...)\\n````.
+    The thought is the message's content, the second turn its tool call, streamed and not, through the openai
+    client. A second turn that is not a call of an offered tool stays text."""
+    from openai import OpenAI
+    from starlette.testclient import TestClient
+
+    from glm_tune.serving.app import ServedModel, create_app
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import Limits
+
+    tok = tiny_tokenizer("chatglm3")
+    fmt = get_prompt_format("chatglm3", tok)
+    call = tool_call_turn("get_weather", {"city": "北京"})
+    thought = "我来查一下北京的天气。"
+    answer = fmt.encode("\n" + thought) + [fmt.role_id("assistant")] + fmt.encode("get_weather\n") + fmt.encode(
+        call.content)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for offered, expect_call in ((tools, True), ([{"type": "function", "function": {"name": "other"}}], False)):
+        app = create_app(ServedModel("m", "chatglm3", tok, fmt, ScriptedScheduler(answer), Limits(), Sampling()))
+        with TestClient(app) as http_client:
+            openai_client = OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http_client)
+            kwargs = dict(model="m", messages=[{"role": "user", "content": "北京天气"}], tools=offered)
+            message = openai_client.chat.completions.create(**kwargs).choices[0]
+            chunks = list(openai_client.chat.completions.create(stream=True, **kwargs))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        streamed_calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+        if expect_call:
+            assert message.finish_reason == "tool_calls" and message.message.content == thought
+            assert [(t.function.name, json.loads(t.function.arguments)) for t in message.message.tool_calls] == [
+                ("get_weather", {"city": "北京"})]
+            assert streamed == thought and [t.function.name for t in streamed_calls] == ["get_weather"]
+        else:
+            assert message.finish_reason == "stop" and not message.message.tool_calls
+            assert message.message.content == decode_answer(tok, answer) == streamed and not streamed_calls
+            assert message.message.content.startswith(thought) and "tool_call(city='北京')" in streamed
 
 
 # ------------------------------------------------------------------------------- continuous batching
@@ -574,6 +655,66 @@ def test_a_stop_string_cuts_the_stream_where_it_cuts_the_answer(server, engine_a
             assert streamed == content, (prompt, stop)
             checked += content != ""
     assert checked >= 5
+
+
+@pytest.mark.slow
+def test_langchain_openai_invoke_stream_batch_and_ainvoke_equal_infer_generation(server, engine_answers):
+    """What a LangChain user runs (langchain-openai, pinned): every path gives infer_generation's answers, and a
+    stop string cuts streamed and non-streamed answers at the same place."""
+    import asyncio
+
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    url, _ = server
+    chat = ChatOpenAI(base_url=f"{url}/v1", api_key=KEY, model="x", temperature=0, max_retries=0, timeout=120)
+    prompts = list(engine_answers)[:4]
+    expected = [engine_answers[p] for p in prompts]
+    assert [chat.invoke(p).content for p in prompts] == expected
+    assert ["".join(chunk.content for chunk in chat.stream(p)) for p in prompts] == expected
+    assert [m.content for m in chat.batch(prompts)] == expected
+    assert asyncio.run(chat.ainvoke(prompts[0])).content == expected[0]
+    long_prompt = max(prompts, key=lambda p: len(engine_answers[p]))
+    stop = engine_answers[long_prompt][len(engine_answers[long_prompt]) // 2:][:2]
+    cut = chat.invoke(long_prompt, stop=[stop]).content
+    assert stop not in cut and engine_answers[long_prompt].startswith(cut)
+    assert "".join(chunk.content for chunk in chat.stream(long_prompt, stop=[stop])) == cut
+    # a tool round trip as LangChain writes it: the call and its result are accepted and answered
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "天气",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    history = [HumanMessage("北京天气"),
+               AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "北京"}, "id": "call_1"}]),
+               ToolMessage('{"temp": 3}', tool_call_id="call_1")]
+    answer = chat.bind_tools([tool]).invoke(history)
+    assert isinstance(answer, AIMessage) and answer.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+def test_langchain_bind_tools_gets_the_models_call_with_its_thought(tiny_tokenizer):
+    """A generated call reaches LangChain as AIMessage.tool_calls (THUDM's thought-then-call layout), streamed
+    and not."""
+    from langchain_openai import ChatOpenAI
+    from starlette.testclient import TestClient
+
+    from glm_tune.serving.app import ServedModel, create_app
+    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.serving.openai_protocol import Limits
+
+    tok = tiny_tokenizer("chatglm3")
+    fmt = get_prompt_format("chatglm3", tok)
+    answer = fmt.encode("\n我来查一下。") + [fmt.role_id("assistant")] + fmt.encode("get_weather\n") + fmt.encode(
+        tool_call_turn("get_weather", {"city": "北京", "days": 2}).content)
+    app = create_app(ServedModel("m", "chatglm3", tok, fmt, ScriptedScheduler(answer), Limits(), Sampling()))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with TestClient(app) as http_client:
+        chat = ChatOpenAI(base_url="http://testserver/v1", api_key="k", model="m", http_client=http_client,
+                          max_retries=0).bind_tools([tool])
+        message = chat.invoke("北京天气")
+        streamed = None
+        for chunk in chat.stream("北京天气"):
+            streamed = chunk if streamed is None else streamed + chunk
+    for m in (message, streamed):
+        assert m.content == "我来查一下。"
+        assert [(c["name"], c["args"]) for c in m.tool_calls] == [("get_weather", {"city": "北京", "days": 2})]
 
 
 @pytest.mark.slow

@@ -45,9 +45,16 @@ class IncrementalText:
 
 
 class AnswerText:
-    def __init__(self, tokenizer, stop: List[str] = (), tool_names=None):
+    """`call_opener`: ChatGLM3's <|assistant|> id. After a thought, THUDM's models open a second assistant turn
+    for the call (`\\nthought<|assistant|>get_weather\\n```python ...`, the layout of THUDM's tool data, which
+    this suite's training learns; THUDM's process_response returns the call): the thought is the answer's
+    content, the turn after it is held back as a call."""
+
+    def __init__(self, tokenizer, stop: List[str] = (), tool_names=None, call_opener: Optional[int] = None):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         self.tool_names = set(tool_names or ())  # None/empty: the answer is plain text, never a tool call
+        self.call_opener = call_opener if self.tool_names else None
+        self.call_start = 0  # where the ids of a held-back call begin
         self.decoded = IncrementalText(tokenizer)
         self.sent = ""
         self.stopped = False  # a stop string was generated
@@ -62,6 +69,10 @@ class AnswerText:
 
     def add(self, token: int) -> str:
         """Record a token; the new text that is safe to send now ("" when nothing is)."""
+        if token == self.call_opener and not self.holding_call:
+            self.decoded.add(token)  # a special token: no text of its own
+            self.holding_call, self.call_start = True, len(self.ids)
+            return ""
         rereads = self.decoded.rereads
         self.decoded.add(token)
         raw = self.decoded.text
@@ -85,9 +96,10 @@ class AnswerText:
     def finish(self) -> Tuple[str, Optional[Tuple[str, dict]]]:
         """(the rest of the text not yet sent, (tool name, arguments) or None) once generation has ended."""
         if self.holding_call:
-            call = parse_tool_call(decode_text(self.tokenizer, self.ids))
+            call = parse_tool_call(decode_text(self.tokenizer, self.ids[self.call_start:]))
             if call is not None and call[0] in self.tool_names:
-                return "", call
+                thought = decode_answer(self.tokenizer, self.ids[:max(self.call_start - 1, 0)])
+                return self._delta(thought), call
         text = decode_answer(self.tokenizer, self.ids)  # the whole answer, decoded once
         cut = self._first_stop(text, 0)
         self.stopped = cut is not None

@@ -193,7 +193,8 @@ class Run:
     def __init__(self, model: ServedModel, request):
         self.model, self.request = model, request
         self.completion = Completion(model.name)
-        self.text = AnswerText(model.tokenizer, request.stop, request.tool_names)
+        self.text = AnswerText(model.tokenizer, request.stop, request.tool_names,
+                               call_opener=model.prompt_format.role_id("assistant") if request.tool_names else None)
         self.events = EventInbox(asyncio.get_running_loop())
         put = self.events.put
         self.row = Request(request.prompt_ids, request.max_tokens, on_token=lambda t: put("token", t),
@@ -249,7 +250,8 @@ class Run:
                     raise ApiError(500, value, kind="server_error")
                 if kind == "finish":
                     _, call, reason = self.finish(value)
-                    return self.completion.response(None if call else self.text.text, call, reason, self.usage())
+                    return self.completion.response(self.text.text or (None if call else ""), call, reason,
+                                                    self.usage())
         finally:
             watcher.cancel()
             self.row.cancel()

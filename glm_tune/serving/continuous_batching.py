@@ -31,6 +31,14 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: Optional[int] = None
+    # OpenAI's penalties: each token's logit lowers by frequency x its count in the answer so far, and by presence
+    # once it has appeared (applied before greedy choice or sampling)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
 
 @dataclass
@@ -54,6 +62,14 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True  # a plain attribute write: atomic, read by the scheduler between steps
+
+
+def penalize(logits: np.ndarray, answer: List[int], sampling: Sampling) -> np.ndarray:
+    """One row's logits with OpenAI's frequency and presence penalties for the answer's tokens so far."""
+    ids, counts = np.unique(np.asarray(answer, dtype="int64"), return_counts=True)
+    logits = logits.astype("float32", copy=True)
+    logits[ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
+    return logits
 
 
 class ServerBusy(Exception):
@@ -187,6 +203,9 @@ class Scheduler:
         return outputs
 
     def _choose(self, logits: np.ndarray, requests: List[Request]) -> np.ndarray:
+        for row, request in enumerate(requests):
+            if request.sampling.penalized and request.tokens:
+                logits[row] = penalize(logits[row], request.tokens, request.sampling)
         chosen = logits.argmax(-1)
         for row, request in enumerate(requests):
             s = request.sampling

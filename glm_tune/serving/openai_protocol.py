@@ -96,8 +96,7 @@ def check_model(body, names) -> None:
 
 # Fields OpenAI accepts that this server does not implement, with the value that means "not used": anything else
 # is refused by name rather than silently ignored.
-UNSUPPORTED_FIELDS = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
-                      "logit_bias": (None, {}), "top_logprobs": (None, 0)}
+UNSUPPORTED_FIELDS = {"logit_bias": (None, {}), "top_logprobs": (None, 0)}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -144,6 +143,8 @@ def _sampling(body: dict, default: Sampling) -> Sampling:
         sampling.top_k = 0 if temperature > 0 and default.greedy else sampling.top_k
     if top_p is not None:
         sampling.top_p = top_p
+    sampling.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0
+    sampling.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0) or 0.0
     return sampling
 
 
