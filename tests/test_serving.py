@@ -4,7 +4,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -519,12 +518,6 @@ def test_rows_joining_and_leaving_the_batch_answer_as_they_do_alone(model_type, 
 # ------------------------------------------------------------------------------------------- live server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(method, url, body=None, key=KEY, raw=None, headers=None):
     """(status, parsed JSON body) of one call."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
@@ -540,25 +533,10 @@ def http(method, url, body=None, key=KEY, raw=None, headers=None):
 @contextlib.contextmanager
 def running_server(folder, log_path, *extra):
     """serve_generation.py on an export in a subprocess (ONNX Runtime fp32) until the block ends: its base url."""
-    port = free_port()
-    log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, "serve_generation.py", "--model_path", str(folder), "--port", str(port),
-                             "--backend", "onnxruntime", "--precision", "fp32", *extra],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    from tools.local_server import start_server
+
+    proc, url = start_server(folder, log_path, "--backend", "onnxruntime", "--precision", "fp32", *extra)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, open(log.name).read()
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).close()
-                break
-            except urllib.error.HTTPError:  # up, but wants the API key
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not start:\n" + open(log.name).read())
         yield url
     finally:
         proc.send_signal(signal.SIGINT)
@@ -566,7 +544,6 @@ def running_server(folder, log_path, *extra):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def start_server(model_path, log_file, *flags, timeout: float = 120.0):
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return proc, url
+        except urllib.error.HTTPError:  # up, and asking for its API key
+            return proc, url
         except OSError:
             time.sleep(0.5)
     proc.kill()
