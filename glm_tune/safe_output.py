@@ -2,7 +2,7 @@
 so a typo in a path never costs a downloaded checkpoint, a data set or a training run), and writers that leave
 either the old file or folder or the new one, never half of one.
 
-Rules (README, "Bad input and what a command may overwrite"):
+Rules (docs/safety.md):
   - an output that is an input, contains one or lies inside one is refused;
   - the current folder (and any folder holding it) is never a target;
   - an output folder that exists and is not empty is replaced only when this command wrote it before (the

@@ -201,7 +201,7 @@ def test_sharded_checkpoint_without_launcher_is_refused(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_weight_only_quantization_keeps_the_demo_models_answers(tiny_dir, demo_data, tmp_path, capsys):
     """The `make demo` recipe (300 steps), exported with int8 and int4: answers and ADGEN metrics of the 100 dev
-    records against fp32 on the same engine (README, "The exported engine")."""
+    records against fp32 on the same engine (docs/export-and-inference.md)."""
     from utils import compute_metrics
 
     tuned = tmp_path / "tuned"

@@ -45,7 +45,7 @@ def read_description(model_path, model_prefix: str) -> dict:
     return info
 
 
-# Fastest first, as measured on CPU (README, "The exported engine"): what runs when --backend is omitted.
+# Fastest first, as measured on CPU (bench/RESULTS.md): what runs when --backend is omitted.
 SPEED_ORDER = (("onnxruntime", "int4"), ("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("paddle", "fp32"))
 FORMAT_OF = {("onnxruntime", "fp32"): "onnx", ("onnxruntime", "int8"): "onnx-int8",
              ("onnxruntime", "int4"): "onnx-int4", ("paddle", "fp32"): "paddle", ("fastdeploy", "fp32"): "paddle"}
