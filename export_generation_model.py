@@ -20,7 +20,8 @@ from glm_tune.errors import run_cli
 from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import OutputRefused, check_target_folder, folder_is_empty, folder_listing, read_owner
-from glm_tune.deployment.onnx_export import OPSET, QUANTIZATIONS, convert_to_onnx, onnx_file_name, quantize_weights
+from glm_tune.deployment.onnx_export import (INLINE_LIMIT, QUANTIZATIONS, convert_to_onnx, onnx_file_name,
+                                             quantize_weights)
 from glm_tune.deployment.step_model import (STEP_GRAPH_FORMAT, TIME_AXIS, GenerationStep, cache_names, cache_shape,
                                             input_specs)
 from glm_tune.safe_output import atomic_folder, atomic_write_json
@@ -45,6 +46,10 @@ class ExportArgument:
     quantize: Optional[str] = field(default=None, metadata={
         "help": "Also write weight-only quantized ONNX copies: int8, int4 or int8,int4 (PREFIX.int8.onnx, "
                 "onnxruntime MatMulNBits, blocks of 32, symmetric). The embedding stays float32."})
+    onnx_inline_mb: int = field(default=INLINE_LIMIT // 2 ** 20, metadata={
+        "help": "An ONNX graph whose weights pass this many MiB keeps them in its own data file (PREFIX.onnx.data, "
+                "PREFIX.int8.onnx.data, ...), written one tensor at a time: protobuf caps a graph file at 2 GiB, "
+                "which a 6B model passes even in int4. 0 writes every graph that way."})
 
     def __post_init__(self):
         require_flag(self.dtype in ("float32", "float16", "bfloat16"),
@@ -54,6 +59,9 @@ class ExportArgument:
         require_flag(not unknown, f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)} "
                                   "(comma-separated for several)")
         require_flag(self.onnx or not self.quantizations, "--quantize needs the ONNX graph: drop --onnx False")
+        require_flag(0 <= self.onnx_inline_mb <= INLINE_LIMIT // 2 ** 20,
+                     f"--onnx_inline_mb {self.onnx_inline_mb} must be between 0 and {INLINE_LIMIT // 2 ** 20} "
+                     "(protobuf's 2 GiB, less room for the graph itself)")
         require_flag(self.dtype == "float32" or not (self.onnx or self.quantizations),
                      "the ONNX export runs on CPU in float32: pass --onnx False with --dtype float16/bfloat16")
 
@@ -125,7 +133,7 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args, formats:
 
 
 def export(model, generation: str, tokenizer, output_path, dtype: str, data_args, overwrite: bool = False,
-           onnx: bool = False, quantizations=()) -> Path:
+           onnx: bool = False, quantizations=(), onnx_inline_bytes: int = INLINE_LIMIT) -> Path:
     """Write the step graph (Paddle, and ONNX with its quantized copies when asked), config, tokenizer and
     description into a staging folder renamed over output_path's folder: a failed export leaves it as it was."""
     output_path, prefix = Path(output_path), Path(output_path).name
@@ -137,12 +145,12 @@ def export(model, generation: str, tokenizer, output_path, dtype: str, data_args
         paddle.jit.save(static, str(staging / prefix))
         formats = {"paddle": {"files": [f"{prefix}.json", f"{prefix}.pdiparams"]}}
         if onnx:
-            convert_to_onnx(staging / prefix, staging / onnx_file_name(prefix))
-            formats["onnx"] = {"file": onnx_file_name(prefix), "opset": OPSET}
+            formats["onnx"] = convert_to_onnx(staging / prefix, staging / onnx_file_name(prefix), onnx_inline_bytes)
             for quantization in quantizations:
                 logger.info("quantizing the ONNX graph's weights to %s", quantization)
                 formats[f"onnx-{quantization}"] = quantize_weights(
-                    staging / onnx_file_name(prefix), staging / onnx_file_name(prefix, quantization), quantization)
+                    staging / onnx_file_name(prefix), staging / onnx_file_name(prefix, quantization), quantization,
+                    onnx_inline_bytes)
         tokenizer.save_pretrained(str(staging))
         model.config.save_pretrained(str(staging))
         info = describe(generation, model.config, tokenizer, dtype, data_args, formats)
@@ -156,7 +164,7 @@ def main(argv=None) -> Path:
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
     out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite,
-                 export_args.onnx, export_args.quantizations)
+                 export_args.onnx, export_args.quantizations, export_args.onnx_inline_mb * 2 ** 20)
     written = ["json / .pdiparams"] + [".onnx"] * export_args.onnx + [f".{q}.onnx" for q in export_args.quantizations]
     logger.info("exported %s step graph to %s.%s", generation, out, ", ".join(written))
     return out

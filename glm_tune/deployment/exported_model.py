@@ -35,7 +35,8 @@ def open_export(engine_args) -> ExportedModel:
     backend, precision = choose_engine(info, engine_args.backend, engine_args.precision)
     logger.info("engine: %s %s%s", backend, precision, "" if engine_args.backend and engine_args.precision else
                 " (the fastest this export holds for what was asked; --backend / --precision choose another)")
-    check_export_folder(engine_args.model_path, engine_args.model_prefix, generation, backend, precision)
+    check_export_folder(engine_args.model_path, engine_args.model_prefix, generation, backend, precision,
+                        info.get("formats"))
     config_class, _, tokenizer_class = get_generation(generation).classes()
     tokenizer = tokenizer_class.from_pretrained(engine_args.model_path)
     config = config_class.from_pretrained(engine_args.model_path)

@@ -77,19 +77,29 @@ def choose_engine(info: dict, backend: str = None, precision: str = None) -> tup
 
 
 def check_export_folder(model_path, model_prefix: str, generation: str, backend: str = "paddle",
-                        precision: str = "fp32") -> None:
+                        precision: str = "fp32", formats: dict = None) -> None:
     """The graph, its weights and the tokenizer are all there before the engine is built."""
     from glm_tune.deployment.onnx_export import onnx_file_name
     from glm_tune.model_loading import check_tokenizer_file
 
-    base = Path(model_path) / model_prefix
+    base, data = Path(model_path) / model_prefix, None
     if backend == "onnxruntime":
         needed = [(onnx_file_name(model_prefix, None if precision == "fp32" else precision), "ONNX graph")]
     else:
         needed = [(f"{model_prefix}.json", "graph"), (f"{model_prefix}.pdiparams", "weights")]
+    if backend == "onnxruntime":  # a graph past 2 GB keeps its weights in a data file beside it
+        data = (formats or {}).get("onnx" if precision == "fp32" else f"onnx-{precision}", {}).get("data")
+        if data:
+            needed.append((data["file"], "weights of the ONNX graph"))
     for name, what in needed:
         if not (Path(model_path) / name).is_file():
             raise EngineError(f"{Path(model_path) / name} (the exported {what}) is missing; export the model again "
+                              f"with export_generation_model.py --output_path {base}")
+    if backend == "onnxruntime" and data:
+        size = (Path(model_path) / data["file"]).stat().st_size
+        if size != data["bytes"]:
+            raise EngineError(f"{Path(model_path) / data['file']} holds {size} bytes, the export wrote "
+                              f"{data['bytes']}: it is truncated or from another export; export the model again "
                               f"with export_generation_model.py --output_path {base}")
     if not (Path(model_path) / "config.json").is_file():
         raise EngineError(f"{model_path} has no config.json; export the model again")

@@ -6,7 +6,19 @@ calls sys.exit, and then spends ~10 s in a Polygraphy constant-folding pass that
 optimizer repeats at session start anyway. The C++ converter aborts the whole process on an operator it cannot
 convert, without naming it, so it runs in a child process and the error names the program's operators that
 are neither known to convert here nor in paddle2onnx's own list.
+
+Past protobuf's 2 GB (a 6B model: 25 GB in fp32, ~3.5 GB even in int4) paddle2onnx cannot return the graph at all:
+its C++ export serializes the whole model into one message. So it never sees the weights: it converts the program
+with one-element stand-ins of every parameter (the graph is the same: its nodes do not depend on the weights'
+values, and each weight comes out as an initializer named after its parameter), then the real tensors are attached
+one at a time from PREFIX.pdiparams, inline when the graph stays under `inline_limit` bytes, else written to
+PREFIX.onnx.data (ONNX external data; offsets aligned so ONNX Runtime can map them). The quantized graphs are made
+the same way: each weight matmul becomes `MatMulNBits` from one weight read at a time with onnxruntime's own block
+quantizer, so no step holds more than one tensor beyond what it writes.
 """
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from glm_tune.errors import GlmTuneError
@@ -15,7 +27,10 @@ OPSET = 17
 QUANTIZATIONS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # weights per scale, as chatglm.cpp's q8_0 / q4_0 blocks
 ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: onnxruntime's fastest CPU kernel
-PROTOBUF_LIMIT = 2 ** 31 - 1  # a larger graph keeps its weights in PREFIX.onnx.data
+PROTOBUF_LIMIT = 2 ** 31 - 1
+INLINE_LIMIT = 1800 * 2 ** 20  # weights above this go to the graph's data file (protobuf stops at 2 GiB)
+DATA_ALIGNMENT = 64 * 1024  # external tensors start at multiples of this: ONNX Runtime maps aligned ones
+SMALL_TENSOR = 64 * 1024  # smaller tensors (norms, biases) stay inline even in a graph with a data file
 
 
 class OnnxExportError(GlmTuneError):
@@ -72,9 +87,33 @@ def suspect_operators(graph_json: Path) -> list:
                   if not {op, f"elementwise_{op}", f"{op}_v2", f"reduce_{op}"} & listed)
 
 
-def convert_to_onnx(paddle_prefix: Path, onnx_file: Path) -> Path:
-    """PREFIX.json + PREFIX.pdiparams (the exported step graph) -> onnx_file, opset 17. Weights beyond protobuf's
-    2 GB limit (a 6B model in fp32) go to onnx_file.data, as paddle2onnx writes them."""
+def convert_to_onnx(paddle_prefix: Path, onnx_file: Path, inline_limit: int = INLINE_LIMIT) -> dict:
+    """PREFIX.json + PREFIX.pdiparams (the exported step graph) -> onnx_file, opset 17, its weights inline or in
+    onnx_file.data (see the module's notes); returns its description for PREFIX.generation.json."""
+    import onnx
+
+    from glm_tune.deployment.paddle_params import read_tensor, stored_tensors, write_stand_ins
+
+    paddle_prefix, onnx_file = Path(paddle_prefix), Path(onnx_file)
+    tensors = {t.name: t for t in stored_tensors(paddle_prefix)}
+    with tempfile.TemporaryDirectory(prefix=".stand-ins.", dir=onnx_file.parent) as work:
+        stand_in = Path(work) / paddle_prefix.name
+        shutil.copyfile(f"{paddle_prefix}.json", f"{stand_in}.json")
+        write_stand_ins(list(tensors.values()), Path(f"{stand_in}.pdiparams"))
+        converted = _run_paddle2onnx(stand_in, Path(work) / onnx_file.name, report_as=paddle_prefix)
+        model = onnx.load(str(converted))
+    constants_as_initializers(model)
+    params_file = Path(f"{paddle_prefix}.pdiparams")
+    with TensorSink(onnx_file, external=sum(t.nbytes for t in tensors.values()) > inline_limit) as sink:
+        for index, init in enumerate(model.graph.initializer):
+            if init.name in tensors:
+                model.graph.initializer[index].CopyFrom(sink.add(init.name, read_tensor(params_file,
+                                                                                          tensors[init.name])))
+        onnx.save(model, str(onnx_file))
+    return {"file": onnx_file.name, "opset": OPSET, **sink.description()}
+
+
+def _run_paddle2onnx(paddle_prefix: Path, onnx_file: Path, report_as: Path) -> Path:
     import subprocess
     import sys
 
@@ -86,22 +125,23 @@ def convert_to_onnx(paddle_prefix: Path, onnx_file: Path) -> Path:
                  if "ERROR" in line]
         detail = (f"operators it cannot convert: {', '.join(suspects)}" if suspects
                   else (lines[-1] if lines else f"exit status {done.returncode}"))
-        raise OnnxExportError(f"paddle2onnx could not convert {paddle_prefix}.json ({detail}); export with "
+        raise OnnxExportError(f"paddle2onnx could not convert {report_as}.json ({detail}); export with "
                               "--onnx False to keep the Paddle Inference engine only")
-    onnx_file.write_bytes(constants_as_initializers(onnx_file.read_bytes()))
     return onnx_file
 
 
-def constants_as_initializers(serialized: bytes) -> bytes:
-    """paddle2onnx's C++ converter emits every weight as a Constant node; graph initializers are what
-    onnxruntime's weight-only quantizer (and its constant folding) recognise as weights."""
+def constants_as_initializers(model) -> None:
+    """paddle2onnx's C++ converter emits every weight as a Constant node; graph initializers are what the
+    weight-only quantization (and onnxruntime's constant folding) recognise as weights."""
     import onnx
 
-    model = onnx.load_from_string(serialized)
     graph = model.graph
     kept = []
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in graph.node:
         value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None and node.output[0] not in used:
+            continue  # a constant no node reads (paddle2onnx leaves some)
         if node.op_type == "Constant" and value is not None:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(value.t)
@@ -111,7 +151,51 @@ def constants_as_initializers(serialized: bytes) -> bytes:
             kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    return model.SerializeToString()
+
+
+class TensorSink:
+    """Where a graph's tensors go: inline in the proto, or appended to GRAPH.data (aligned, written as they come)
+    and referenced from the proto by offset. Removes a half-written data file when the block fails."""
+
+    def __init__(self, onnx_file: Path, external: bool):
+        self.external = external
+        self.data_file = Path(onnx_file).with_name(Path(onnx_file).name + ".data")
+        self._out = None
+
+    def __enter__(self) -> "TensorSink":
+        if self.external:
+            self._out = open(self.data_file, "wb")
+        return self
+
+    def __exit__(self, kind, *_):
+        if self._out is not None:
+            self._out.close()
+            if kind is not None:
+                self.data_file.unlink(missing_ok=True)
+        return False
+
+    def add(self, name: str, array):
+        import numpy as np
+        from onnx import TensorProto, helper, numpy_helper
+
+        if not self.external or array.nbytes < SMALL_TENSOR:
+            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        offset = -(-self._out.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        self._out.write(b"\0" * (offset - self._out.tell()))
+        np.ascontiguousarray(array).tofile(self._out)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.data_file.name), ("offset", str(offset)),
+                           ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def description(self) -> dict:
+        """{"data": {"file", "bytes"}} for an external graph (what opening it checks), {} for an inline one."""
+        if not self.external:
+            return {}
+        return {"data": {"file": self.data_file.name, "bytes": os.path.getsize(self.data_file)}}
 
 
 def converter_constant_matmuls(model) -> list:
@@ -123,23 +207,85 @@ def converter_constant_matmuls(model) -> list:
             node.input[1] in made]
 
 
-def quantize_weights(onnx_file: Path, out_file: Path, quantization: str) -> dict:
-    """A weight-only quantized copy of `onnx_file` (every MatMul with a constant weight becomes MatMulNBits);
-    returns its description for PREFIX.generation.json."""
+def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_limit: int = INLINE_LIMIT) -> dict:
+    """A weight-only quantized copy of `onnx_file`: every MatMul with one of the model's weights becomes
+    MatMulNBits (blocks of 32, symmetric, accuracy level 4), as onnxruntime's MatMulNBitsQuantizer makes it, one
+    weight read and quantized at a time; returns its description for PREFIX.generation.json."""
+    import numpy as np
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnx import helper, numpy_helper
 
+    onnx_file, out_file = Path(onnx_file), Path(out_file)
     bits = QUANTIZATIONS[quantization]
-    # accuracy_level must be set in the config: the quantizer's own argument of that name is not carried over
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=bits)
-    model = onnx.load(str(onnx_file))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=converter_constant_matmuls(model))
-    quantizer.process()
-    quantized = sum(node.op_type == "MatMulNBits" for node in quantizer.model.model.graph.node)
-    if not quantized:
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    own = set(converter_constant_matmuls(model))
+    targets = {node.name: node for node in graph.node if node.op_type == "MatMul" and node.name not in own and
+               node.input[1] in initializers and len(initializers[node.input[1]].dims) == 2}
+    if not targets:
         raise OnnxExportError(f"{onnx_file}: no MatMul with a constant weight to quantize")
-    large = onnx_file.stat().st_size + sum(p.stat().st_size for p in onnx_file.parent.glob(f"{onnx_file.name}.data"))
-    quantizer.model.save_model_to_file(str(out_file), use_external_data_format=large > PROTOBUF_LIMIT)
+    quantized_names = {node.input[1] for node in targets.values()}
+
+    def weight(tensor):  # one tensor, from the proto or from the graph's data file
+        return numpy_helper.to_array(tensor, base_dir=str(onnx_file.parent))
+
+    kept_bytes = sum(_tensor_bytes(i) for i in graph.initializer if i.name not in quantized_names)
+    quantized_bytes = sum(_tensor_bytes(initializers[n]) for n in quantized_names) * bits // 32
+    new_initializers, new_nodes = [], []
+    with TensorSink(out_file, external=kept_bytes + quantized_bytes > inline_limit) as sink:
+        for init in graph.initializer:
+            if init.name not in quantized_names:
+                new_initializers.append(sink.add(init.name, weight(init)) if
+                                        init.data_location == onnx.TensorProto.EXTERNAL else init)
+        for node in graph.node:
+            if node.name not in targets:
+                new_nodes.append(node)
+                continue
+            b = weight(initializers[node.input[1]])
+            packed, scales = block_quantize(b, bits)
+            rows, cols = b.shape
+            name = node.input[1]
+            new_initializers += [sink.add(f"{name}_Q{bits}", packed), sink.add(f"{name}_scales", scales)]
+            new_nodes.append(helper.make_node(
+                "MatMulNBits", [node.input[0], f"{name}_Q{bits}", f"{name}_scales"], [node.output[0]],
+                name=f"{node.name}_Q{bits}", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=BLOCK_SIZE,
+                accuracy_level=ACCURACY_LEVEL))
+            del b, packed, scales
+        del graph.initializer[:]
+        graph.initializer.extend(new_initializers)
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(model, str(out_file))
     return {"file": out_file.name, "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
-            "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": quantized}
+            "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": len(targets), **sink.description()}
+
+
+def block_quantize(weight, bits: int):
+    """(packed [N, K / 32, 32 * bits / 8] uint8, scales [N, K / 32]) of a [K, N] weight: onnxruntime's own C++
+    block quantizer, with the layout its MatMulNBitsQuantizer gives it (symmetric, so no zero points)."""
+    import numpy as np
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, cols = weight.shape
+    k_blocks = -(-rows // BLOCK_SIZE)
+    if k_blocks * BLOCK_SIZE != rows:
+        weight = np.pad(weight, ((0, k_blocks * BLOCK_SIZE - rows), (0, 0)))
+    blob = BLOCK_SIZE * bits // 8
+    packed = np.zeros((cols, k_blocks, blob), dtype="uint8")
+    scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
+    zero_points = np.zeros((cols, -(-k_blocks // (8 // bits))), dtype="uint8")
+    quantize = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    quantize(packed, np.ascontiguousarray(weight), scales, zero_points, BLOCK_SIZE, cols, rows, True)
+    return packed, scales
+
+
+def _tensor_bytes(tensor) -> int:
+    """A tensor's data size, inline or external, without reading it."""
+    import numpy as np
+    from onnx import helper
+
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
