@@ -8,6 +8,7 @@ OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaul
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
 from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from glm_tune.errors import run_cli
 from glm_tune.model_loading import (ConfigurationError, apply_lora, check_adapter_flags, load_model, load_tokenizer,
                                     resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import OutputRefused, check_target_folder, folder_is_empty, folder_listing, read_owner
-from glm_tune.deployment.onnx_export import (INLINE_LIMIT, QUANTIZATIONS, convert_to_onnx, onnx_file_name,
+from glm_tune.deployment.onnx_export import (INLINE_LIMIT, MAX_INLINE, QUANTIZATIONS, convert_to_onnx, onnx_file_name,
                                              quantize_weights)
 from glm_tune.deployment.step_model import (STEP_GRAPH_FORMAT, TIME_AXIS, GenerationStep, cache_names, cache_shape,
                                             input_specs)
@@ -48,8 +49,9 @@ class ExportArgument:
                 "onnxruntime MatMulNBits, blocks of 32, symmetric). The embedding stays float32."})
     onnx_inline_mb: int = field(default=INLINE_LIMIT // 2 ** 20, metadata={
         "help": "An ONNX graph whose weights pass this many MiB keeps them in its own data file (PREFIX.onnx.data, "
-                "PREFIX.int8.onnx.data, ...), written one tensor at a time: protobuf caps a graph file at 2 GiB, "
-                "which a 6B model passes even in int4. 0 writes every graph that way."})
+                "PREFIX.int8.onnx.data, ...), written one tensor at a time and mapped by ONNX Runtime: protobuf caps "
+                "a graph file at 2 GiB (a 6B model passes it even in int4), and a large inline graph costs twice "
+                "its size in memory to write and to load. 0 writes every graph that way; at most 1800."})
 
     def __post_init__(self):
         require_flag(self.dtype in ("float32", "float16", "bfloat16"),
@@ -59,8 +61,8 @@ class ExportArgument:
         require_flag(not unknown, f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)} "
                                   "(comma-separated for several)")
         require_flag(self.onnx or not self.quantizations, "--quantize needs the ONNX graph: drop --onnx False")
-        require_flag(0 <= self.onnx_inline_mb <= INLINE_LIMIT // 2 ** 20,
-                     f"--onnx_inline_mb {self.onnx_inline_mb} must be between 0 and {INLINE_LIMIT // 2 ** 20} "
+        require_flag(0 <= self.onnx_inline_mb <= MAX_INLINE // 2 ** 20,
+                     f"--onnx_inline_mb {self.onnx_inline_mb} must be between 0 and {MAX_INLINE // 2 ** 20} "
                      "(protobuf's 2 GiB, less room for the graph itself)")
         require_flag(self.dtype == "float32" or not (self.onnx or self.quantizations),
                      "the ONNX export runs on CPU in float32: pass --onnx False with --dtype float16/bfloat16")
@@ -102,7 +104,7 @@ def load_for_export(model_args, dtype: str):
         raise ConfigurationError("exporting prefix-tuned models is not supported; export the base model or a "
                                  "LoRA / full fine-tune")
     resolve_model_folder(model_args, generation)
-    model = load_model(model_args.model_name_or_path, generation, dtype=dtype, use_cache=True)
+    model = load_model(model_args.model_name_or_path, generation, dtype=dtype, low_memory=True, use_cache=True)
     if model_args.lora_path:
         model = apply_lora(model, generation, lora_path=model_args.lora_path)
         model.merge()  # fold the adapters into the weights: the graph stays the base graph
@@ -132,17 +134,23 @@ def describe(generation: str, config, tokenizer, dtype: str, data_args, formats:
     }
 
 
-def export(model, generation: str, tokenizer, output_path, dtype: str, data_args, overwrite: bool = False,
-           onnx: bool = False, quantizations=(), onnx_inline_bytes: int = INLINE_LIMIT) -> Path:
+def export(loaded: list, output_path, dtype: str, data_args, overwrite: bool = False, onnx: bool = False,
+           quantizations=(), onnx_inline_bytes: int = INLINE_LIMIT) -> Path:
     """Write the step graph (Paddle, and ONNX with its quantized copies when asked), config, tokenizer and
-    description into a staging folder renamed over output_path's folder: a failed export leaves it as it was."""
-    output_path, prefix = Path(output_path), Path(output_path).name
+    description into a staging folder renamed over output_path's folder: a failed export leaves it as it was.
+    `loaded` is load_for_export's [generation, model, tokenizer]; the model is taken out of it, so once the Paddle
+    graph is saved nothing holds the weights while the ONNX graphs are made from the saved file."""
+    generation, model, tokenizer = loaded
+    loaded.clear()
+    output_path, prefix, config = Path(output_path), Path(output_path).name, model.config
     step = GenerationStep(model, generation)
     step.eval()
-    static = paddle.jit.to_static(step, input_spec=input_specs(model.config, generation, dtype), full_graph=True)
+    static = paddle.jit.to_static(step, input_spec=input_specs(config, generation, dtype), full_graph=True)
     with atomic_folder(output_path.parent, COMMAND, overwrite, flag="--output_path's folder",
                        details={"prefix": prefix}) as staging:
         paddle.jit.save(static, str(staging / prefix))
+        del model, step, static  # the weights are in PREFIX.pdiparams now
+        gc.collect()
         formats = {"paddle": {"files": [f"{prefix}.json", f"{prefix}.pdiparams"]}}
         if onnx:
             formats["onnx"] = convert_to_onnx(staging / prefix, staging / onnx_file_name(prefix), onnx_inline_bytes)
@@ -152,9 +160,12 @@ def export(model, generation: str, tokenizer, output_path, dtype: str, data_args
                     staging / onnx_file_name(prefix), staging / onnx_file_name(prefix, quantization), quantization,
                     onnx_inline_bytes)
         tokenizer.save_pretrained(str(staging))
-        model.config.save_pretrained(str(staging))
-        info = describe(generation, model.config, tokenizer, dtype, data_args, formats)
+        config.save_pretrained(str(staging))
+        info = describe(generation, config, tokenizer, dtype, data_args, formats)
         atomic_write_json(staging / f"{prefix}.generation.json", info)
+    files = [f"{prefix}.json / .pdiparams"] + [f"{f['file']}" + (f" + {f['data']['file']}" if "data" in f else "")
+                                               for key, f in formats.items() if key != "paddle"]
+    logger.info("exported %s step graph to %s: %s", generation, output_path.parent, ", ".join(files))
     return output_path
 
 
@@ -162,12 +173,9 @@ def main(argv=None) -> Path:
     console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
     model_args, data_args, export_args = parse_dataclasses((ModelArgument, LengthArgument, ExportArgument), argv)
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
-    generation, model, tokenizer = load_for_export(model_args, export_args.dtype)
-    out = export(model, generation, tokenizer, target, export_args.dtype, data_args, export_args.overwrite,
-                 export_args.onnx, export_args.quantizations, export_args.onnx_inline_mb * 2 ** 20)
-    written = ["json / .pdiparams"] + [".onnx"] * export_args.onnx + [f".{q}.onnx" for q in export_args.quantizations]
-    logger.info("exported %s step graph to %s.%s", generation, out, ", ".join(written))
-    return out
+    return export(list(load_for_export(model_args, export_args.dtype)), target, export_args.dtype, data_args,
+                  export_args.overwrite, export_args.onnx, export_args.quantizations,
+                  export_args.onnx_inline_mb * 2 ** 20)
 
 
 if __name__ == "__main__":

@@ -267,8 +267,10 @@ def check_tensor_parallel(config, generation: str, degree: int) -> None:
 
 
 def load_model(model_name_or_path: str, generation: str, dtype: str = "float32", tensor_parallel_degree: int = 1,
-               tensor_parallel_rank: int = 0, **config_overrides):
-    """The PaddleNLP model class of `generation`, loaded (and split for tensor parallel) from the checkpoint."""
+               tensor_parallel_rank: int = 0, low_memory: bool = False, **config_overrides):
+    """The PaddleNLP model class of `generation`, loaded (and split for tensor parallel) from the checkpoint.
+    `low_memory`: PaddleNLP's low_cpu_mem_usage (the model made without initial weights, then filled from the
+    checkpoint): measured on the 2-layer 6B-shape model (3.76 GB), peak 5.0 GB in 10 s against 7.5 GB in 21 s."""
     _, model_class, _ = get_generation(generation).classes()
     shards = sorted(Path(model_name_or_path).glob("model_state.tp*.pdparams")) if Path(model_name_or_path).is_dir() else []
     if shards and len(shards) != tensor_parallel_degree:
@@ -281,7 +283,8 @@ def load_model(model_name_or_path: str, generation: str, dtype: str = "float32",
                          tensor_parallel_rank=tensor_parallel_rank, tensor_parallel_output=False,
                          **config_overrides)
     try:
-        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype)
+        model = model_class.from_pretrained(model_name_or_path, config=config, dtype=dtype,
+                                            low_cpu_mem_usage=low_memory)
     except (EOFError, pickle.UnpicklingError, UnicodeDecodeError, MemoryError, ValueError) as err:
         if isinstance(err, ValueError) and "can not parse the file" not in str(err):
             raise  # a ValueError that is not paddle.load's "cannot read this file" is a bug, not bad input

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,119 @@ def test_step_graph_reads_the_cache_where_it_lies(model_type, exported, tmp_path
              for cache in (feeds.cache, exact)]
     assert all(column.shape[2] == 1 for column in steps[0][1:])
     np.testing.assert_allclose(steps[0][0], steps[1][0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- ONNX past protobuf's 2 GB
+
+
+def test_the_weight_only_graphs_equal_onnxruntimes_own_quantizer(tiny_dir, tmp_path):
+    """int8 / int4 are written one weight at a time (a 6B graph never fits in memory at once); the result is what
+    onnxruntime's MatMulNBitsQuantizer makes of the whole fp32 graph: the same initializers, bit for bit, and the
+    same nodes."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from glm_tune.deployment.onnx_export import ACCURACY_LEVEL, BLOCK_SIZE, converter_constant_matmuls
+
+    out = export_generation_model.main(["--model_name_or_path", str(tiny_dir("chatglm3")), "--output_path",
+                                        str(tmp_path / "infer" / "chatglm"), "--quantize", "int8,int4"])
+    fp32 = onnx.load(str(out.parent / "chatglm.onnx"))
+    for precision, bits in (("int8", 8), ("int4", 4)):
+        reference = onnx.ModelProto()
+        reference.CopyFrom(fp32)
+        config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                              bits=bits)
+        quantizer = MatMulNBitsQuantizer(reference, algo_config=config,
+                                         nodes_to_exclude=converter_constant_matmuls(reference))
+        quantizer.process()
+        expected, ours = quantizer.model.model.graph, onnx.load(str(out.parent / f"chatglm.{precision}.onnx")).graph
+        arrays = {i.name: numpy_helper.to_array(i) for i in ours.initializer}
+        reference_arrays = {i.name: numpy_helper.to_array(i) for i in expected.initializer}
+        assert arrays.keys() == reference_arrays.keys()
+        assert all(arrays[k].dtype == v.dtype and np.array_equal(arrays[k], v) for k, v in reference_arrays.items())
+        nodes = lambda g: sorted((n.op_type, tuple(n.input), tuple(n.output), tuple(sorted(  # noqa: E731
+            (a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute))) for n in g.node)
+        assert nodes(ours) == nodes(expected) and sum(n.op_type == "MatMulNBits" for n in ours.node) == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", GENERATIONS)
+def test_onnx_weights_in_data_files_answer_as_dygraph_and_the_inline_graphs(model_type, trained, demo_data,
+                                                                           tmp_path):
+    """--onnx_inline_mb 0 forces what a 6B export does (issue 25): every ONNX graph keeps its weights in its own
+    data file. fp32 answers token for token as dygraph, int8 / int4 as the inline graphs of the same export
+    recipe (equal to onnxruntime's quantizer, above), batched and one by one; the server answers from it."""
+    examples = varied_prompts(demo_data, 12)
+    dygraph_ids = predict_generation.build_predictor(*predict_generation.parse_arguments(
+        predict_argv(trained(model_type), batch_size=4))).predict_ids(examples)
+    exports = {}
+    for layout, limit in (("inline", "1800"), ("external", "0")):
+        exports[layout] = export_generation_model.main([
+            "--model_name_or_path", str(trained(model_type)), "--output_path", str(tmp_path / layout / "chatglm"),
+            "--src_length", "96", "--tgt_length", "24", "--quantize", "int8,int4", "--onnx_inline_mb", limit]).parent
+    info = json.loads((exports["external"] / "chatglm.generation.json").read_text())
+    for key, graph in (("onnx", "chatglm.onnx"), ("onnx-int8", "chatglm.int8.onnx"), ("onnx-int4", "chatglm.int4.onnx")):
+        data = exports["external"] / info["formats"][key]["data"]["file"]
+        assert data.name == graph + ".data" and data.stat().st_size == info["formats"][key]["data"]["bytes"]
+        # the graph file holds no large weight; the inline one holds them all
+        assert (exports["external"] / graph).stat().st_size < (exports["inline"] / graph).stat().st_size / 2
+    assert not list(exports["inline"].glob("*.data"))
+    for precision in ("fp32", "int8", "int4"):
+        for batch_size in ("4", "1"):
+            answers = {layout: infer_generation.build_predictor(*infer_generation.parse_arguments(
+                ["--model_path", str(folder), "--backend", "onnxruntime", "--precision", precision, "--batch_size",
+                 batch_size])).predict_ids(examples) for layout, folder in exports.items()}
+            assert answers["external"] == answers["inline"], (precision, batch_size)
+            if precision == "fp32":
+                assert answers["external"] == dygraph_ids
+    if model_type == "chatglm3":
+        from tools.local_server import start_server
+
+        proc, url = start_server(exports["external"], tmp_path / "server.log", "--backend", "onnxruntime",
+                                 "--precision", "int4")
+        try:
+            body = json.dumps({"messages": [{"role": "user", "content": examples[0].src}], "temperature": 0})
+            request = urllib.request.Request(f"{url}/v1/chat/completions", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                served = json.loads(response.read())["choices"][0]["message"]["content"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        expected = infer_generation.build_predictor(*infer_generation.parse_arguments(
+            ["--model_path", str(exports["external"]), "--precision", "int4"])).predict([Example(examples[0].src)])
+        assert served == expected[0]
+    # a data file that is missing or cut short is named in one line, before the engine is built
+    from glm_tune.deployment.inference_engine import EngineError
+
+    damaged = Path(shutil.copytree(exports["external"], tmp_path / "damaged"))
+    with open(damaged / "chatglm.int8.onnx.data", "r+b") as f:
+        f.truncate(1000)
+    (damaged / "chatglm.int4.onnx.data").unlink()
+    for precision, message in (("int8", r"chatglm\.int8\.onnx\.data holds 1000 bytes, the export wrote \d+: it is "
+                                        r"truncated or from another export; export the model again"),
+                               ("int4", r"chatglm\.int4\.onnx\.data \(the exported weights of the ONNX graph\) is "
+                                        r"missing; export the model again")):
+        with pytest.raises(EngineError, match=message) as caught:
+            infer_generation.build_predictor(*infer_generation.parse_arguments(
+                ["--model_path", str(damaged), "--precision", precision]))
+        assert "\n" not in str(caught.value)
+
+
+def test_the_params_file_is_read_by_its_headers_and_a_damaged_one_is_named(tiny_dir, tmp_path):
+    from glm_tune.deployment.paddle_params import ParamsFileError, read_tensor, stored_tensors
+
+    out = export_generation_model.main(["--model_name_or_path", str(tiny_dir("chatglm2")), "--output_path",
+                                        str(tmp_path / "infer" / "chatglm"), "--onnx", "False"])
+    prefix = out.parent / "chatglm"
+    tensors = stored_tensors(prefix)
+    model = load_model(str(tiny_dir("chatglm2")), "chatglm2")
+    assert sum(t.nbytes for t in tensors) == sum(int(np.prod(p.shape)) * 4 for p in model.parameters())
+    embedding = model.chatglm_v2.embedding.word_embeddings.weight.numpy()
+    found = [read_tensor(Path(f"{prefix}.pdiparams"), t) for t in tensors if t.shape == embedding.shape]
+    assert any(np.array_equal(f, embedding) for f in found)
+    params = Path(f"{prefix}.pdiparams")
+    params.write_bytes(params.read_bytes()[:-100])
+    with pytest.raises(ParamsFileError, match="chatglm.pdiparams: .* the file is truncated or from another export"):
+        stored_tensors(prefix)
