@@ -1,0 +1,154 @@
+"""What a real 6B needs: every step of the pipeline on models with ChatGLM2-6B's layer shapes (hidden 4096, 32 heads,
+2 key/value groups, ffn 13696, vocabulary 65024) and 2 and 3 layers, each step's peak RSS against the model's fp32
+weight bytes W and its time, the per-layer slope from the two sizes, and the projection to the real 28 layers.
+
+    python bench/real_size.py                               # 2 and 3 layers under build/real (~15 min, ~12 GB RAM)
+    python bench/real_size.py --layers 2 --steps make,from_hf,export,infer
+    python bench/real_size.py --peer build/chatglm_cpp      # + chatglm.cpp's converter (f32, q8_0, q4_0), same folder
+
+Each step is its own process, run as a user would run the command, and measured by the kernel (the child's maximum
+resident set from wait4; wall time around it). The model starts as a user's does: a Hugging Face folder sharded as
+THUDM's repositories are (several model-0000K-of-0000N.safetensors), converted to Paddle, converted back, exported
+(Paddle graph, ONNX, int8, int4), then every engine answers 3 prompts with 32 new tokens and the server one request.
+The ONNX fp32 answers are checked against dygraph's (predict_generation.py) token for token.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ["--model_type", "chatglm2", "--hidden_size", "4096", "--num_attention_heads", "32", "--ffn_hidden_size",
+          "13696", "--vocab_size", "65024"]
+STEPS = ("make", "from_hf", "to_hf", "export", "dygraph", "infer", "serve")
+PROMPTS = ["类型#裙*风格#复古*图案#刺绣", "你好，请介绍一下你自己", "如何学习编程"]
+GB = 2 ** 30
+
+
+def measured(argv, log: Path, env=None) -> dict:
+    """Run one command; its peak RSS (GB, from wait4) and wall seconds. Exits with its log's tail on failure."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(map(str, argv[:3]))} failed; the end of {log}:\n" + log.read_text()[-2000:])
+    return {"peak_gb": usage.ru_maxrss / 2 ** 20, "seconds": time.perf_counter() - started}
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def serve_once(export: Path, log: Path) -> dict:
+    """serve_generation.py on the int8 graph: peak RSS after one answered request."""
+    sys.path.insert(0, str(ROOT))
+    import urllib.request
+
+    from tools.local_server import start_server
+
+    started = time.perf_counter()
+    proc, url = start_server(export, log, "--backend", "onnxruntime", "--precision", "int8", timeout=600)
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 32,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=600).read()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 2 ** 20
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return {"peak_gb": peak, "seconds": time.perf_counter() - started}
+
+
+def run_size(layers: int, args) -> dict:
+    py = sys.executable
+    work = args.work_dir / f"6b-{layers}l"
+    work.mkdir(parents=True, exist_ok=True)
+    hf, paddle, back, export = work / "hf", work / "paddle", work / "hf-back", work / "infer"
+    prompts = work / "prompts.json"
+    prompts.write_text("".join(json.dumps({"content": p}, ensure_ascii=False) + "\n" for p in PROMPTS),
+                       encoding="utf-8")
+    rows = {}
+
+    def step(name, argv, env=None):
+        if name.split(":")[0] in args.steps:
+            rows[name] = measured(argv, work / f"{name.replace(':', '-')}.log", env)
+            print(f"  {layers} layers, {name}: {rows[name]['peak_gb']:.2f} GB, {rows[name]['seconds']:.0f} s",
+                  flush=True)
+
+    step("make", [py, "tools/make_tiny_model.py", *SHAPES, "--num_layers", layers, "--format", "hf",
+                  "--max_shard_size", "1GB", "--output_dir", hf, "--overwrite"])
+    step("from_hf", [py, "tools/convert_checkpoint.py", "--input_dir", hf, "--output_dir", paddle, "--overwrite"])
+    step("to_hf", [py, "tools/convert_checkpoint.py", "--input_dir", paddle, "--output_dir", back, "--to", "hf",
+                   "--overwrite"])
+    step("export", [py, "export_generation_model.py", "--model_name_or_path", paddle, "--output_path",
+                    export / "chatglm", "--quantize", "int8,int4", "--src_length", "64", "--tgt_length", "32",
+                    "--overwrite", "True"])
+    step("dygraph", [py, "predict_generation.py", "--model_name_or_path", paddle, "--data_file", prompts,
+                     "--output_file", work / "dygraph.json", "--src_length", "64", "--tgt_length", "32",
+                     "--overwrite", "True"])
+    for backend, precision in (("paddle", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                               ("onnxruntime", "int4")):
+        step(f"infer:{backend}-{precision}", [
+            py, "infer_generation.py", "--model_path", export, "--backend", backend, "--precision", precision,
+            "--data_file", prompts, "--output_file", work / f"{backend}-{precision}.json", "--overwrite", "True"])
+    if "serve" in args.steps:
+        rows["serve:int8"] = serve_once(export, work / "serve.log")
+        print(f"  {layers} layers, serve:int8: {rows['serve:int8']['peak_gb']:.2f} GB", flush=True)
+    if args.peer and "make" in args.steps:
+        env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
+        rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
+                                                hf, work / "ggml"], work / "peer-convert.log", env)
+    parity = None
+    if (work / "dygraph.json").is_file() and (work / "onnxruntime-fp32.json").is_file():
+        parity = (work / "dygraph.json").read_bytes() == (work / "onnxruntime-fp32.json").read_bytes()
+    return {"layers": layers, "weight_gb": weight_bytes(hf) / GB, "steps": rows, "onnx_fp32_equals_dygraph": parity}
+
+
+def report(sizes: list) -> None:
+    print("\nstep                      " + "".join(f"{s['layers']} layers: peak GB (x W), s      " for s in sizes)
+          + ("28 layers (projected): peak GB" if len(sizes) == 2 else ""))
+    names = [n for n in sizes[0]["steps"] if all(n in s["steps"] for s in sizes)]
+    for name in names:
+        line = f"{name:<26}"
+        for s in sizes:
+            row = s["steps"][name]
+            line += f"{row['peak_gb']:>8.2f} ({row['peak_gb'] / s['weight_gb']:.2f}x) {row['seconds']:>7.0f}       "
+        if len(sizes) == 2:
+            a, b = sizes
+            slope = (b["steps"][name]["peak_gb"] - a["steps"][name]["peak_gb"]) / (b["layers"] - a["layers"])
+            line += f"{a['steps'][name]['peak_gb'] + slope * (28 - a['layers']):>8.1f}"
+        print(line)
+    for s in sizes:
+        print(f"{s['layers']} layers: W = {s['weight_gb']:.2f} GB fp32; ONNX fp32 answers equal dygraph's: "
+              f"{s['onnx_fp32_equals_dygraph']}")
+    if len(sizes) == 2:
+        a, b = sizes
+        per_layer = (b["weight_gb"] - a["weight_gb"]) / (b["layers"] - a["layers"])
+        print(f"28 layers: W = {a['weight_gb'] + per_layer * (28 - a['layers']):.1f} GB fp32 "
+              f"({per_layer:.2f} GB a layer)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="2,3", help="comma-separated numbers of layers (two give the slope)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    parser.add_argument("--peer", default=None, help="folder chatglm.cpp was built into: its converter measured too")
+    parser.add_argument("--work_dir", default="build/real", help="where the models and exports go")
+    args = parser.parse_args(argv)
+    args.work_dir = (ROOT / args.work_dir).resolve()
+    args.steps = set(args.steps.split(","))
+    sizes = [run_size(int(n), args) for n in args.layers.split(",")]
+    report(sizes)
+    print(json.dumps(sizes), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
