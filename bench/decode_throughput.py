@@ -3,6 +3,8 @@
     python bench/decode_throughput.py                              # the mid ChatGLM2, contexts 64, 512, 1024
     python bench/decode_throughput.py --peer build/chatglm_cpp     # + chatglm.cpp f32/q8_0/q4_0 and the ratios
     python bench/decode_throughput.py --size tiny --contexts 32 --systems dygraph,paddle,onnx-fp32
+    python bench/decode_throughput.py --size 6b-slice --contexts 64,1024 --systems paddle,onnx-fp32,onnx-int8,onnx-int4 \
+        --peer build/chatglm_cpp                                   # ChatGLM2-6B's layer shapes, 2 layers (3.76 GB)
 
 The model is `tools/make_tiny_model.py`'s "mid" ChatGLM2 (4 layers, hidden 512, 8 heads, 2 KV groups, ffn 1376,
 vocab 65024: 176 MB of fp32 weights read per token), exported once with `--quantize int8,int4`. Each system runs
@@ -11,6 +13,11 @@ in its own process (so its peak RSS is its own): greedy decoding forced to `--ne
 after a warm-up, then a batch of 8 for aggregate tok/s. chatglm.cpp (`../shared/peers/chatglm_cpp/`, built with
 its build.sh) runs the same prompt ids on the same weights converted by its own converter. Ratios are taken
 within this one run: absolute figures move from machine to machine.
+
+Each decode figure is also given as a fraction of the memory limit: a decode step reads every weight but the
+embedding's once, so it cannot beat (bandwidth / bytes read per token); the bandwidth is what a plain parallel
+sum over a buffer larger than the caches reaches on this machine, measured in the same run, and the bytes are the
+graph's (or chatglm.cpp's file's) tensors without the embedding.
 """
 import argparse
 import json
@@ -26,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 SIZES = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 256, "vocab_size": None},
     "mid": {"hidden_size": 512, "num_layers": 4, "num_attention_heads": 8, "ffn_hidden_size": 1376, "vocab_size": 65024},
+    # ChatGLM2-6B's layer shapes and vocabulary with 2 of its 28 layers: 3.76 GB fp32
+    "6b-slice": {"hidden_size": 4096, "num_layers": 2, "num_attention_heads": 32, "ffn_hidden_size": 13696,
+                 "vocab_size": 65024},
 }
 SYSTEMS = ("dygraph", "paddle", "onnx-fp32", "onnx-int8", "onnx-int4")
 PEER_KIND = {"onnx-fp32": "f32", "onnx-int8": "q8_0", "onnx-int4": "q4_0", "paddle": "f32"}
@@ -159,11 +169,52 @@ def run_peer(args) -> dict:
     results = {}
     for context in args.contexts:
         prompts = args.work_dir / f"prompts-{context}.json"
-        prompts.write_text(json.dumps(prompts_of(context, 65024 if args.size == "mid" else 1216)))
+        prompts.write_text(json.dumps(prompts_of(context, SIZES[args.size]["vocab_size"] or 1216)))
         out = args.work_dir / f"peer-{context}.json"
         run_python([peer_tools / "bench.py", ggml, out, "--prompts", prompts, "--new_tokens", args.new_tokens], env)
         results[str(context)] = json.loads(out.read_text())
     return results
+
+
+def read_bandwidth(threads: int, gigabytes: float = 1.0) -> float:
+    """GB/s of a plain sum over a buffer far larger than the caches, split over `threads` (numpy's sum releases
+    the GIL), best of 5."""
+    import threading
+
+    import numpy as np
+
+    data = np.ones(int(gigabytes * 2 ** 30 / 4), dtype="float32")
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(5):
+        workers = [threading.Thread(target=part.sum) for part in parts]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best / 1e9
+
+
+def bytes_per_token(system: str, args) -> int:
+    """Weight bytes a decode step reads: the graph's tensors (inline or in its data file) without the embedding."""
+    import onnx
+
+    from glm_tune.deployment.onnx_export import _tensor_bytes, onnx_file_name
+
+    folder = args.work_dir / f"{args.size}-infer"
+    graph_file = folder / (onnx_file_name("chatglm", None if system in ("paddle", "onnx-fp32") else
+                                          system.split("-")[1]))
+    graph = onnx.load(str(graph_file), load_external_data=False).graph
+    gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
+    return sum(_tensor_bytes(t) for t in graph.initializer if t.name not in gathered and _tensor_bytes(t) > 4096)
+
+
+def peer_bytes_per_token(kind: str, args) -> int:
+    size = SIZES[args.size]
+    embedding = size["vocab_size"] * size["hidden_size"] * {"f32": 4, "q8_0": 34 / 32, "q4_0": 18 / 32}[kind]
+    return int(Path(f"{args.work_dir / args.size}-ggml-{kind}.bin").stat().st_size - embedding)
 
 
 def report(results: dict, peer: dict, args) -> None:
@@ -171,20 +222,27 @@ def report(results: dict, peer: dict, args) -> None:
           "prompts; ratios against chatglm.cpp at the same precision, measured in this run")
     head = f"{'system':<11}{'context':>8}{'1st ms':>9}{'decode tok/s':>14}"
     head += f"{'x cpp decode':>14}{'x cpp 1st':>11}" if peer else ""
-    print(head + f"{'batch-8 tok/s':>15}{'peak RSS MB':>13}")
+    bandwidth = read_bandwidth(args.threads) if args.memory_limit else None
+    print(head + f"{'batch-8 tok/s':>15}{'peak RSS MB':>13}" + (f"{'x limit':>9}" if bandwidth else ""))
     for system, result in results.items():
+        limit = bandwidth * 1e9 / bytes_per_token(system, args) if bandwidth else None
         for i, (context, row) in enumerate(result["contexts"].items()):
-            line = f"{system if i == 0 else '':<11}{context:>8}{row['first_token_ms']:>9.1f}{row['decode_tok_s']:>14.0f}"
+            line = f"{system if i == 0 else '':<11}{context:>8}{row['first_token_ms']:>9.1f}{row['decode_tok_s']:>14.1f}"
             kind = PEER_KIND.get(system)
             if peer:
                 other = peer.get(context, {}).get(kind) if kind else None
                 line += (f"{row['decode_tok_s'] / other['decode_tok_s']:>14.2f}"
                          f"{row['first_token_ms'] / other['first_token_ms']:>11.2f}") if other else f"{'':>25}"
-            tail = f"{result['batch8_tok_s']:>15.0f}{result['peak_rss_mb']:>13.0f}" if i == 0 else ""
-            print(line + tail)
+            tail = f"{result['batch8_tok_s']:>15.0f}{result['peak_rss_mb']:>13.0f}" if i == 0 else f"{'':>28}"
+            print(line + tail + (f"{row['decode_tok_s'] / limit:>9.2f}" if limit else ""))
     for context, kinds in (peer or {}).items():
         print("chatglm.cpp at context " + context + ": " + ", ".join(
-            f"{kind} {row['first_token_ms']:.1f} ms / {row['decode_tok_s']:.0f} tok/s" for kind, row in kinds.items()))
+            f"{kind} {row['first_token_ms']:.1f} ms / {row['decode_tok_s']:.1f} tok/s" + (
+                f" ({row['decode_tok_s'] / (bandwidth * 1e9 / peer_bytes_per_token(kind, args)):.2f} of the limit)"
+                if bandwidth else "") for kind, row in kinds.items()))
+    if bandwidth:
+        print(f"memory limit: plain read {bandwidth:.1f} GB/s with {args.threads} threads; bytes read per token: " +
+              ", ".join(f"{system} {bytes_per_token(system, args) / 1e9:.2f} GB" for system in results))
 
 
 def main(argv=None) -> None:
@@ -199,6 +257,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every system (and the peer) this many times, interleaved, and keep each one's "
                              "best: on a shared machine a neighbour's load moves single runs by 10-20%%")
+    parser.add_argument("--memory_limit", action="store_true",
+                        help="also give each decode figure as a fraction of the memory limit (measured read "
+                             "bandwidth / weight bytes read per token)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one system, in its own process
     args = parser.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]

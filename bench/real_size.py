@@ -5,6 +5,7 @@ weight bytes W and its time, the per-layer slope from the two sizes, and the pro
     python bench/real_size.py                               # 2 and 3 layers under build/real (~15 min, ~12 GB RAM)
     python bench/real_size.py --layers 2 --steps make,from_hf,export,infer
     python bench/real_size.py --peer build/chatglm_cpp      # + chatglm.cpp's converter (f32, q8_0, q4_0), same folder
+                                                            # (~70 GB of disk at 3 layers with the peer's files)
 
 Each step is its own process, run as a user would run the command, and measured by the kernel (the child's maximum
 resident set from wait4; wall time around it). The model starts as a user's does: a Hugging Face folder sharded as
@@ -15,15 +16,19 @@ The ONNX fp32 answers are checked against dygraph's (predict_generation.py) toke
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ["--model_type", "chatglm2", "--hidden_size", "4096", "--num_attention_heads", "32", "--ffn_hidden_size",
-          "13696", "--vocab_size", "65024"]
-STEPS = ("make", "from_hf", "to_hf", "export", "dygraph", "infer", "serve")
+SHAPES = {  # make_tiny_model.py flags; "tiny" only checks that the bench runs
+    "6b": ["--model_type", "chatglm2", "--hidden_size", "4096", "--num_attention_heads", "32", "--ffn_hidden_size",
+           "13696", "--vocab_size", "65024"],
+    "tiny": ["--model_type", "chatglm2"],
+}
+STEPS = ("make", "from_hf", "to_hf", "export", "dygraph", "infer", "serve", "logits", "peer")
 PROMPTS = ["类型#裙*风格#复古*图案#刺绣", "你好，请介绍一下你自己", "如何学习编程"]
 GB = 2 ** 30
 
@@ -67,9 +72,33 @@ def serve_once(export: Path, log: Path) -> dict:
     return {"peak_gb": peak, "seconds": time.perf_counter() - started}
 
 
+def quantized_logits(export: Path) -> dict:
+    """int8 / int4 against fp32 on ONNX Runtime: the prefill's last-position logits of the 3 prompts, max |diff|
+    and whether the argmax agrees (one engine loaded at a time)."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    from paddlenlp.transformers import AutoConfig, AutoTokenizer
+
+    from data import get_prompt_format
+    from glm_tune.deployment.inference_engine import create_engine
+    from glm_tune.deployment.step_model import StepFeeds
+
+    tokenizer, config = AutoTokenizer.from_pretrained(str(export)), AutoConfig.from_pretrained(str(export))
+    fmt = get_prompt_format("chatglm2", tokenizer)
+    feeds = StepFeeds(tokenizer, "chatglm2", config)
+    logits = {}
+    for precision in ("fp32", "int8", "int4"):
+        engine = create_engine("onnxruntime", export, "chatglm", 2, precision)
+        logits[precision] = np.concatenate([engine(feeds.prefill([fmt.prompt_ids(p, [], 64)]))[0] for p in PROMPTS])
+        del engine
+    return {p: {"max_abs_diff": float(np.abs(logits[p] - logits["fp32"]).max()),
+                "argmax_agrees": int((logits[p].argmax(-1) == logits["fp32"].argmax(-1)).sum()),
+                "of": len(PROMPTS)} for p in ("int8", "int4")}
+
+
 def run_size(layers: int, args) -> dict:
     py = sys.executable
-    work = args.work_dir / f"6b-{layers}l"
+    work = args.work_dir / f"{args.shape}-{layers}l"
     work.mkdir(parents=True, exist_ok=True)
     hf, paddle, back, export = work / "hf", work / "paddle", work / "hf-back", work / "infer"
     prompts = work / "prompts.json"
@@ -83,11 +112,12 @@ def run_size(layers: int, args) -> dict:
             print(f"  {layers} layers, {name}: {rows[name]['peak_gb']:.2f} GB, {rows[name]['seconds']:.0f} s",
                   flush=True)
 
-    step("make", [py, "tools/make_tiny_model.py", *SHAPES, "--num_layers", layers, "--format", "hf",
+    step("make", [py, "tools/make_tiny_model.py", *SHAPES[args.shape], "--num_layers", layers, "--format", "hf",
                   "--max_shard_size", "1GB", "--output_dir", hf, "--overwrite"])
     step("from_hf", [py, "tools/convert_checkpoint.py", "--input_dir", hf, "--output_dir", paddle, "--overwrite"])
     step("to_hf", [py, "tools/convert_checkpoint.py", "--input_dir", paddle, "--output_dir", back, "--to", "hf",
                    "--overwrite"])
+    shutil.rmtree(back, ignore_errors=True)  # only measured: a 6B's copy would take 25 GB of disk
     step("export", [py, "export_generation_model.py", "--model_name_or_path", paddle, "--output_path",
                     export / "chatglm", "--quantize", "int8,int4", "--src_length", "64", "--tgt_length", "32",
                     "--overwrite", "True"])
@@ -102,14 +132,16 @@ def run_size(layers: int, args) -> dict:
     if "serve" in args.steps:
         rows["serve:int8"] = serve_once(export, work / "serve.log")
         print(f"  {layers} layers, serve:int8: {rows['serve:int8']['peak_gb']:.2f} GB", flush=True)
-    if args.peer and "make" in args.steps:
+    if args.peer and "peer" in args.steps:
         env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
         rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
                                                 hf, work / "ggml"], work / "peer-convert.log", env)
+    logits = quantized_logits(export) if "logits" in args.steps else None
     parity = None
     if (work / "dygraph.json").is_file() and (work / "onnxruntime-fp32.json").is_file():
         parity = (work / "dygraph.json").read_bytes() == (work / "onnxruntime-fp32.json").read_bytes()
-    return {"layers": layers, "weight_gb": weight_bytes(hf) / GB, "steps": rows, "onnx_fp32_equals_dygraph": parity}
+    return {"layers": layers, "weight_gb": weight_bytes(hf) / GB, "steps": rows, "onnx_fp32_equals_dygraph": parity,
+            "quantized_logits": logits}
 
 
 def report(sizes: list) -> None:
@@ -128,7 +160,9 @@ def report(sizes: list) -> None:
         print(line)
     for s in sizes:
         print(f"{s['layers']} layers: W = {s['weight_gb']:.2f} GB fp32; ONNX fp32 answers equal dygraph's: "
-              f"{s['onnx_fp32_equals_dygraph']}")
+              f"{s['onnx_fp32_equals_dygraph']}; last-position logits against fp32: " + ", ".join(
+                  f"{p} max |diff| {v['max_abs_diff']:.4f}, argmax {v['argmax_agrees']}/{v['of']}"
+                  for p, v in (s["quantized_logits"] or {}).items()))
     if len(sizes) == 2:
         a, b = sizes
         per_layer = (b["weight_gb"] - a["weight_gb"]) / (b["layers"] - a["layers"])
@@ -139,6 +173,7 @@ def report(sizes: list) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="2,3", help="comma-separated numbers of layers (two give the slope)")
+    parser.add_argument("--shape", default="6b", choices=sorted(SHAPES), help="layer shapes (tiny: a quick check)")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--peer", default=None, help="folder chatglm.cpp was built into: its converter measured too")
     parser.add_argument("--work_dir", default="build/real", help="where the models and exports go")

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_decode_throughput_runs(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_throughput.py"), "--size", "tiny",
-                          "--contexts", "16,40", "--new_tokens", "4", "--work_dir", str(tmp_path)],
+                          "--contexts", "16,40", "--new_tokens", "4", "--memory_limit", "--work_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=900, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()
             or line.startswith(("dygraph", "paddle", "onnx-"))]
@@ -45,3 +45,14 @@ def test_memory_plan_runs(tmp_path):
     assert "ChatGLM2-6B  full     4     0   1" in out and "GPUs needed" in out
     row = next(line.split() for line in out.splitlines()[::-1] if line.split() and line.split()[0] == "tp1")
     assert len(row) == 5 and all(float(x) > 0 for x in row[1:])
+
+
+@pytest.mark.slow
+def test_real_size_runs(tmp_path):
+    """Every step of bench/real_size.py on tiny shapes (the real ones take ~15 min and 12 GB)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "real_size.py"), "--shape", "tiny", "--layers", "1,2",
+                          "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=900, check=True).stdout
+    steps = {line.split()[0] for line in out.splitlines() if line and not line.startswith(" ") and
+             len(line.split()) > 6}
+    assert {"make", "from_hf", "to_hf", "export", "dygraph", "infer:onnxruntime-int4", "serve:int8"} <= steps
+    assert "ONNX fp32 answers equal dygraph's: True" in out and "argmax" in out
