@@ -204,7 +204,7 @@ def bytes_per_token(system: str, args) -> int:
     from glm_tune.deployment.onnx_export import _tensor_bytes, onnx_file_name
 
     folder = args.work_dir / f"{args.size}-infer"
-    graph_file = folder / (onnx_file_name("chatglm", None if system in ("paddle", "onnx-fp32") else
+    graph_file = folder / (onnx_file_name("chatglm", None if system in ("dygraph", "paddle", "onnx-fp32") else
                                           system.split("-")[1]))
     graph = onnx.load(str(graph_file), load_external_data=False).graph
     gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
