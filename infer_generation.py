@@ -16,6 +16,7 @@ from argument import EngineArgument, GenerateArgument, PredictArgument, parse_da
 from data import ChatTurn, DataFormatError, Example, parse_tool_call, tool_call_turn, tools_system_text
 from glm_tune.errors import one_line, run_cli
 from glm_tune.deployment.exported_model import open_export
+from glm_tune.sampling import Sampling
 from glm_tune.deployment.predictor import (StepEnginePredictor, check_predictions_target, load_prompts,
                                            report_predictions)
 
@@ -53,8 +54,7 @@ def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     return StepEnginePredictor(
         model.engine, model.feeds, model.tokenizer, model.generation,
         src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,
-        decode_strategy=gen_args.decode_strategy, top_k=gen_args.top_k, top_p=gen_args.top_p,
-        temperature=gen_args.temperature, seed=predict_args.seed)
+        sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed)
 
 
 def read_tools(path) -> list:

@@ -17,6 +17,7 @@ from glm_tune.errors import run_cli
 from glm_tune.model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_lengths, load_config,
                                     load_model, load_tokenizer, resolve_generation, resolve_model_folder)
 from glm_tune.safe_output import check_output_dir
+from glm_tune.sampling import Sampling
 from glm_tune.deployment.predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
 from glm_tune.conversion.tp_merge import MERGE_COMMAND, merge_tp_shards
 
@@ -69,8 +70,7 @@ def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, ran
     model.eval()
     return DygraphPredictor(model, tokenizer, generation, src_length=data_args.src_length,
                             max_new_tokens=data_args.tgt_length, batch_size=predict_args.batch_size,
-                            decode_strategy=gen_args.decode_strategy, top_k=gen_args.top_k, top_p=gen_args.top_p,
-                            temperature=gen_args.temperature, seed=predict_args.seed)
+                            sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed)
 
 
 def main(argv=None):

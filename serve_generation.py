@@ -69,7 +69,8 @@ class ServeArgument:
 def build_app(engine_args, gen_args, serve_args):
     """Open the export, start the scheduler and return (FastAPI app, scheduler)."""
     from glm_tune.serving.app import ServedModel, create_app
-    from glm_tune.serving.continuous_batching import Sampling, Scheduler
+    from glm_tune.sampling import Sampling
+    from glm_tune.serving.continuous_batching import Scheduler
     from glm_tune.serving.openai_protocol import Limits
 
     model = open_export(engine_args)
@@ -78,8 +79,7 @@ def build_app(engine_args, gen_args, serve_args):
                     max_tokens=min(serve_args.max_tokens_limit or context, context),
                     default_max_tokens=serve_args.default_max_tokens or model.info["defaults"]["max_new_tokens"],
                     context_length=context)
-    sampling = Sampling(greedy=gen_args.decode_strategy != "sampling", temperature=gen_args.temperature,
-                        top_p=gen_args.top_p, top_k=gen_args.top_k)
+    sampling = Sampling.from_arguments(gen_args)
     scheduler = Scheduler(model.engine, model.feeds, stop_token_ids(model.tokenizer, model.generation),
                           max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting).start()
     names = comma_list(serve_args.served_model_name) or [Path(engine_args.model_path).resolve().name]

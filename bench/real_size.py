@@ -28,7 +28,7 @@ SHAPES = {  # make_tiny_model.py flags; "tiny" only checks that the bench runs
            "13696", "--vocab_size", "65024"],
     "tiny": ["--model_type", "chatglm2"],
 }
-STEPS = ("make", "from_hf", "to_hf", "export", "dygraph", "infer", "serve", "logits", "peer")
+STEPS = ("make", "from_hf", "to_hf", "lora", "export", "dygraph", "infer", "serve", "logits", "peer")
 PROMPTS = ["类型#裙*风格#复古*图案#刺绣", "你好，请介绍一下你自己", "如何学习编程"]
 GB = 2 ** 30
 
@@ -118,6 +118,19 @@ def run_size(layers: int, args) -> dict:
     step("to_hf", [py, "tools/convert_checkpoint.py", "--input_dir", paddle, "--output_dir", back, "--to", "hf",
                    "--overwrite"])
     shutil.rmtree(back, ignore_errors=True)  # only measured: a 6B's copy would take 25 GB of disk
+    if "lora" in args.steps:  # 2 LoRA steps on the demo data, then the adapter merged into an export
+        data = work / "data" / "AdvertiseGen"
+        subprocess.run([py, "tools/make_demo_data.py", "--output_dir", data, "--overwrite"], cwd=ROOT, check=True,
+                       capture_output=True)
+        step("lora", [py, "finetune_generation.py", "--model_name_or_path", paddle, "--task_name_or_path", data,
+                      "--output_dir", work / "lora", "--lora", "True", "--max_steps", "2", "--src_length", "32",
+                      "--tgt_length", "32", "--per_device_train_batch_size", "1", "--learning_rate", "1e-4",
+                      "--logging_steps", "1", "--save_steps", "1000", "--report_to", "none", "--disable_tqdm", "True",
+                      "--do_train", "--overwrite_output_dir", "True"])
+        step("lora:merge+export", [py, "export_generation_model.py", "--model_name_or_path", paddle, "--lora_path",
+                              work / "lora", "--output_path", work / "infer-lora" / "chatglm", "--onnx", "False",
+                              "--overwrite", "True"])
+        shutil.rmtree(work / "infer-lora", ignore_errors=True)
     step("export", [py, "export_generation_model.py", "--model_name_or_path", paddle, "--output_path",
                     export / "chatglm", "--quantize", "int8,int4", "--src_length", "64", "--tgt_length", "32",
                     "--overwrite", "True"])

@@ -54,5 +54,6 @@ def test_real_size_runs(tmp_path):
                           "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=900, check=True).stdout
     steps = {line.split()[0] for line in out.splitlines() if line and not line.startswith(" ") and
              len(line.split()) > 6}
-    assert {"make", "from_hf", "to_hf", "export", "dygraph", "infer:onnxruntime-int4", "serve:int8"} <= steps
+    assert {"make", "from_hf", "to_hf", "lora", "lora:merge+export", "export", "dygraph", "infer:onnxruntime-int4",
+            "serve:int8"} <= steps
     assert "ONNX fp32 answers equal dygraph's: True" in out and "argmax" in out

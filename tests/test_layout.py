@@ -79,3 +79,17 @@ def test_the_siblings_import_only_framework_free_modules_of_the_suite():
     assert {"data", "utils", "glm_tune.safe_output"} <= used
     for name in sorted(used):
         framework_free(name)
+
+
+def test_the_next_token_is_chosen_in_one_place():
+    """One `Sampling` and one `choose_next` (glm_tune/sampling.py) for predict, infer and serve (issue 28: there
+    were a dict, a dataclass and conversions between them)."""
+    defined = {}
+    for path in [ROOT / f"{name}.py" for name in COMMANDS | SHARED] + sorted((ROOT / "glm_tune").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in ("Sampling", "choose_next",
+                                                                                   "penalize"):
+                defined.setdefault(node.name, []).append(module_name(path))
+    assert defined == {"Sampling": ["glm_tune.sampling"], "choose_next": ["glm_tune.sampling"],
+                       "penalize": ["glm_tune.sampling"]}

@@ -162,7 +162,8 @@ def test_frequency_and_presence_penalties_lower_the_answers_own_tokens(tiny_toke
     """OpenAI's rule on the logits: minus frequency x count, minus presence once present; 0 changes nothing."""
     import numpy as np
 
-    from glm_tune.serving.continuous_batching import Request, Sampling, Scheduler
+    from glm_tune.sampling import Sampling
+    from glm_tune.serving.continuous_batching import Request, Scheduler
     from glm_tune.serving.openai_protocol import Limits, parse_chat_request
 
     fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
@@ -176,13 +177,13 @@ def test_frequency_and_presence_penalties_lower_the_answers_own_tokens(tiny_toke
     logits = np.array([[1.0, 2.0, 3.0, 4.0]] * 2, dtype="float32")
     chosen = scheduler._choose(logits.copy(), rows)
     assert chosen.tolist() == [2, 3]  # token 3: 4 - (0.5 x 2 + 1) = 2 < 3; the row without penalties keeps 3
-    from glm_tune.serving.continuous_batching import penalize
+    from glm_tune.sampling import penalize
 
     assert penalize(logits[0], [3, 3, 1], sampling).tolist() == [1.0, 0.5, 3.0, 2.0]
 
 
 def test_neutral_values_of_the_unimplemented_fields_are_accepted(tiny_tokenizer):
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import Limits, parse_chat_request
 
     fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
@@ -194,7 +195,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_head_health_is_answered(t
     from starlette.testclient import TestClient
 
     from glm_tune.serving.app import ServedModel, create_app
-    from glm_tune.serving.continuous_batching import Sampling, Scheduler
+    from glm_tune.sampling import Sampling
+    from glm_tune.serving.continuous_batching import Scheduler
     from glm_tune.serving.openai_protocol import Limits
 
     tok = tiny_tokenizer("chatglm3")
@@ -226,7 +228,7 @@ def decode_text_of(tok, ids):
 
 @pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
 def test_bad_requests_get_their_status_and_an_openai_error(body, status, param, tiny_tokenizer):
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import ApiError, Limits, parse_chat_request
 
     fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
@@ -238,7 +240,7 @@ def test_bad_requests_get_their_status_and_an_openai_error(body, status, param, 
 
 
 def test_tools_need_chatglm3_and_the_context_limit_names_both_lengths(tiny_tokenizer):
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import ApiError, Limits, parse_chat_request
 
     fmt2 = get_prompt_format("chatglm2", tiny_tokenizer("chatglm2"))
@@ -256,7 +258,7 @@ def test_tools_need_chatglm3_and_the_context_limit_names_both_lengths(tiny_token
 
 
 def test_a_tool_round_trip_request_renders_call_and_result(tiny_tokenizer):
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import Limits, parse_chat_request
 
     fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
@@ -412,7 +414,7 @@ def test_a_thought_then_a_call_in_a_second_assistant_turn_is_content_and_a_tool_
     from starlette.testclient import TestClient
 
     from glm_tune.serving.app import ServedModel, create_app
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import Limits
 
     tok = tiny_tokenizer("chatglm3")
@@ -673,7 +675,7 @@ def test_langchain_bind_tools_gets_the_models_call_with_its_thought(tiny_tokeniz
     from starlette.testclient import TestClient
 
     from glm_tune.serving.app import ServedModel, create_app
-    from glm_tune.serving.continuous_batching import Sampling
+    from glm_tune.sampling import Sampling
     from glm_tune.serving.openai_protocol import Limits
 
     tok = tiny_tokenizer("chatglm3")

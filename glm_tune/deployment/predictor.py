@@ -10,6 +10,7 @@ import numpy as np
 
 from data import Example, cut_summary, get_prompt_format
 from glm_tune.generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
+from glm_tune.sampling import Sampling, choose_next
 
 logger = logging.getLogger(__name__)
 
@@ -19,12 +20,11 @@ BUILTIN_PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约*�
 
 class BasePredictor:
     def __init__(self, tokenizer, generation: str, src_length: int, max_new_tokens: int, batch_size: int = 8,
-                 decode_strategy: str = "greedy_search", top_k: int = 1, top_p: float = 1.0,
-                 temperature: float = 1.0, seed: int = 42):
+                 sampling: Sampling = None, seed: int = 42):
         self.tokenizer, self.generation = tokenizer, generation
         self.format = get_prompt_format(generation, tokenizer)
         self.src_length, self.max_new_tokens, self.batch_size = src_length, max_new_tokens, batch_size
-        self.sampling = dict(decode_strategy=decode_strategy, top_k=top_k, top_p=top_p, temperature=temperature)
+        self.sampling = sampling or Sampling()
         self.seed = seed
 
     def _preprocess(self, examples: List[Example]) -> List[List[int]]:
@@ -60,26 +60,7 @@ class DygraphPredictor(BasePredictor):
 
         paddle.seed(self.seed)
         return generate_ids(self.model, self.tokenizer, self.generation, prompts, self.max_new_tokens,
-                            self.batch_size, **self.sampling)
-
-
-def choose_next(logits: np.ndarray, rng: np.random.RandomState, decode_strategy: str, top_k: int, top_p: float,
-                temperature: float) -> np.ndarray:
-    """Greedy argmax, or sampling with temperature, top-k and top-p, on [B, V] logits."""
-    if decode_strategy != "sampling":
-        return logits.argmax(-1)
-    logits = logits.astype("float64") / max(temperature, 1e-6)
-    chosen = []
-    for row in logits:
-        order = np.argsort(-row)
-        if top_k and top_k > 0:
-            order = order[:top_k]
-        probs = np.exp(row[order] - row[order].max())
-        probs /= probs.sum()
-        keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1) if top_p < 1.0 else len(order)
-        probs = probs[:keep] / probs[:keep].sum()
-        chosen.append(order[rng.choice(keep, p=probs)])
-    return np.asarray(chosen, dtype="int64")
+                            self.batch_size, **self.sampling.generate_kwargs())
 
 
 class StepEnginePredictor(BasePredictor):
@@ -107,7 +88,7 @@ class StepEnginePredictor(BasePredictor):
             started = time.perf_counter()
             logits, *caches = self.run(feeds)
             self.speed.add(step, time.perf_counter() - started, int((~done).sum()))
-            chosen = choose_next(logits, rng, **self.sampling)
+            chosen = choose_next(logits, rng, self.sampling)
             for row, token in enumerate(chosen):
                 if not done[row]:
                     tokens[row].append(int(token))

@@ -21,7 +21,8 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm_tune.serving.answer_text import AnswerText
-from glm_tune.serving.continuous_batching import Request, Sampling, Scheduler, ServerBusy
+from glm_tune.sampling import Sampling
+from glm_tune.serving.continuous_batching import Request, Scheduler, ServerBusy
 from glm_tune.serving.openai_protocol import ApiError, Completion, Limits, check_model, parse_chat_request, usage
 
 logger = logging.getLogger(__name__)

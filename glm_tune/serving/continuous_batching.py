@@ -18,27 +18,10 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from glm_tune.deployment.kv_cache import KVCache, widen
-from glm_tune.deployment.predictor import choose_next
+from glm_tune.sampling import Sampling, choose_next, penalize
 from glm_tune.deployment.step_model import append_step
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Sampling:
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: Optional[int] = None
-    # OpenAI's penalties: each token's logit lowers by frequency x its count in the answer so far, and by presence
-    # once it has appeared (applied before greedy choice or sampling)
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.frequency_penalty or self.presence_penalty)
 
 
 @dataclass
@@ -62,14 +45,6 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True  # a plain attribute write: atomic, read by the scheduler between steps
-
-
-def penalize(logits: np.ndarray, answer: List[int], sampling: Sampling) -> np.ndarray:
-    """One row's logits with OpenAI's frequency and presence penalties for the answer's tokens so far."""
-    ids, counts = np.unique(np.asarray(answer, dtype="int64"), return_counts=True)
-    logits = logits.astype("float32", copy=True)
-    logits[ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
-    return logits
 
 
 class ServerBusy(Exception):
@@ -206,13 +181,8 @@ class Scheduler:
         for row, request in enumerate(requests):
             if request.sampling.penalized and request.tokens:
                 logits[row] = penalize(logits[row], request.tokens, request.sampling)
-        chosen = logits.argmax(-1)
-        for row, request in enumerate(requests):
-            s = request.sampling
-            if not s.greedy:
-                chosen[row] = choose_next(logits[row:row + 1], request.rng, "sampling", s.top_k, s.top_p,
-                                          s.temperature)[0]
-        return chosen.astype("int64")
+        return np.asarray([choose_next(logits[row:row + 1], request.rng, request.sampling)[0]
+                           for row, request in enumerate(requests)], dtype="int64")
 
     def _deliver(self, batch: RunningBatch) -> None:
         """Hand each row its new token, or finish it at a stop token or its max_tokens."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from data import ChatTurn, DataFormatError, check_no_lone_surrogate, tool_call_turn, tools_system_text
-from glm_tune.serving.continuous_batching import Sampling
+from glm_tune.sampling import Sampling
 
 
 class ApiError(Exception):
