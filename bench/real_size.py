@@ -30,11 +30,11 @@ SHAPES = {  # make_tiny_model.py flags; "tiny" only checks that the bench runs
 }
 STEPS = ("make", "from_hf", "to_hf", "lora", "export", "dygraph", "infer", "serve", "logits", "peer")
 PROMPTS = ["类型#裙*风格#复古*图案#刺绣", "你好，请介绍一下你自己", "如何学习编程"]
-GB = 2 ** 30
+GB = 2 ** 30  # GiB: the figures are printed in GiB
 
 
 def measured(argv, log: Path, env=None) -> dict:
-    """Run one command; its peak RSS (GB, from wait4) and wall seconds. Exits with its log's tail on failure."""
+    """Run one command; its peak RSS (GiB, from wait4) and wall seconds. Exits with its log's tail on failure."""
     started = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -109,7 +109,7 @@ def run_size(layers: int, args) -> dict:
     def step(name, argv, env=None):
         if name.split(":")[0] in args.steps:
             rows[name] = measured(argv, work / f"{name.replace(':', '-')}.log", env)
-            print(f"  {layers} layers, {name}: {rows[name]['peak_gb']:.2f} GB, {rows[name]['seconds']:.0f} s",
+            print(f"  {layers} layers, {name}: {rows[name]['peak_gb']:.2f} GiB, {rows[name]['seconds']:.0f} s",
                   flush=True)
 
     step("make", [py, "tools/make_tiny_model.py", *SHAPES[args.shape], "--num_layers", layers, "--format", "hf",
@@ -144,7 +144,7 @@ def run_size(layers: int, args) -> dict:
             "--data_file", prompts, "--output_file", work / f"{backend}-{precision}.json", "--overwrite", "True"])
     if "serve" in args.steps:
         rows["serve:int8"] = serve_once(export, work / "serve.log")
-        print(f"  {layers} layers, serve:int8: {rows['serve:int8']['peak_gb']:.2f} GB", flush=True)
+        print(f"  {layers} layers, serve:int8: {rows['serve:int8']['peak_gb']:.2f} GiB", flush=True)
     if args.peer and "peer" in args.steps:
         env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
         rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
@@ -158,8 +158,8 @@ def run_size(layers: int, args) -> dict:
 
 
 def report(sizes: list) -> None:
-    print("\nstep                      " + "".join(f"{s['layers']} layers: peak GB (x W), s      " for s in sizes)
-          + ("28 layers (projected): peak GB" if len(sizes) == 2 else ""))
+    print("\nstep                      " + "".join(f"{s['layers']} layers: peak GiB (x W), s     " for s in sizes)
+          + ("28 layers (projected): peak GiB" if len(sizes) == 2 else ""))
     names = [n for n in sizes[0]["steps"] if all(n in s["steps"] for s in sizes)]
     for name in names:
         line = f"{name:<26}"
@@ -172,15 +172,15 @@ def report(sizes: list) -> None:
             line += f"{a['steps'][name]['peak_gb'] + slope * (28 - a['layers']):>8.1f}"
         print(line)
     for s in sizes:
-        print(f"{s['layers']} layers: W = {s['weight_gb']:.2f} GB fp32; ONNX fp32 answers equal dygraph's: "
+        print(f"{s['layers']} layers: W = {s['weight_gb']:.2f} GiB fp32; ONNX fp32 answers equal dygraph's: "
               f"{s['onnx_fp32_equals_dygraph']}; last-position logits against fp32: " + ", ".join(
                   f"{p} max |diff| {v['max_abs_diff']:.4f}, argmax {v['argmax_agrees']}/{v['of']}"
                   for p, v in (s["quantized_logits"] or {}).items()))
     if len(sizes) == 2:
         a, b = sizes
         per_layer = (b["weight_gb"] - a["weight_gb"]) / (b["layers"] - a["layers"])
-        print(f"28 layers: W = {a['weight_gb'] + per_layer * (28 - a['layers']):.1f} GB fp32 "
-              f"({per_layer:.2f} GB a layer)")
+        print(f"28 layers: W = {a['weight_gb'] + per_layer * (28 - a['layers']):.1f} GiB fp32 "
+              f"({per_layer:.2f} GiB a layer)")
 
 
 def main(argv=None) -> None:
