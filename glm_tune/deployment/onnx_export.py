@@ -108,6 +108,13 @@ def convert_to_onnx(paddle_prefix: Path, onnx_file: Path, inline_limit: int = IN
         converted = _run_paddle2onnx(stand_in, Path(work) / onnx_file.name, report_as=paddle_prefix)
         model = onnx.load(str(converted))
     constants_as_initializers(model)
+    # Each parameter must come out as its own initializer: one that paddle2onnx folded into another constant
+    # would carry the stand-in's value into the graph.
+    missing = sorted(set(tensors) - {init.name for init in model.graph.initializer})
+    if missing:
+        raise OnnxExportError(f"paddle2onnx folded the parameters {', '.join(missing[:5])} of {paddle_prefix}.json "
+                              "into other constants, so their weights cannot be attached; export with --onnx False "
+                              "to keep the Paddle Inference engine only")
     params_file = Path(f"{paddle_prefix}.pdiparams")
     with TensorSink(onnx_file, external=sum(t.nbytes for t in tensors.values()) > inline_limit) as sink:
         for index, init in enumerate(model.graph.initializer):
