@@ -201,14 +201,14 @@ def bytes_per_token(system: str, args) -> int:
     """Weight bytes a decode step reads: the graph's tensors (inline or in its data file) without the embedding."""
     import onnx
 
-    from glm_tune.deployment.onnx_export import _tensor_bytes, onnx_file_name
+    from glm_tune.deployment.onnx_export import onnx_file_name, tensor_bytes
 
     folder = args.work_dir / f"{args.size}-infer"
     graph_file = folder / (onnx_file_name("chatglm", None if system in ("dygraph", "paddle", "onnx-fp32") else
                                           system.split("-")[1]))
     graph = onnx.load(str(graph_file), load_external_data=False).graph
     gathered = {node.input[0] for node in graph.node if node.op_type == "Gather"}
-    return sum(_tensor_bytes(t) for t in graph.initializer if t.name not in gathered and _tensor_bytes(t) > 4096)
+    return sum(tensor_bytes(t) for t in graph.initializer if t.name not in gathered and tensor_bytes(t) > 4096)
 
 
 def peer_bytes_per_token(kind: str, args) -> int:

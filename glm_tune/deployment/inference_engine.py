@@ -85,17 +85,17 @@ def check_export_folder(model_path, model_prefix: str, generation: str, backend:
     base, data = Path(model_path) / model_prefix, None
     if backend == "onnxruntime":
         needed = [(onnx_file_name(model_prefix, None if precision == "fp32" else precision), "ONNX graph")]
-    else:
-        needed = [(f"{model_prefix}.json", "graph"), (f"{model_prefix}.pdiparams", "weights")]
-    if backend == "onnxruntime":  # a graph past 2 GB keeps its weights in a data file beside it
-        data = (formats or {}).get("onnx" if precision == "fp32" else f"onnx-{precision}", {}).get("data")
+        # a graph past --onnx_inline_mb keeps its weights in a data file beside it
+        data = (formats or {}).get(FORMAT_OF[(backend, precision)], {}).get("data")
         if data:
             needed.append((data["file"], "weights of the ONNX graph"))
+    else:
+        needed = [(f"{model_prefix}.json", "graph"), (f"{model_prefix}.pdiparams", "weights")]
     for name, what in needed:
         if not (Path(model_path) / name).is_file():
             raise EngineError(f"{Path(model_path) / name} (the exported {what}) is missing; export the model again "
                               f"with export_generation_model.py --output_path {base}")
-    if backend == "onnxruntime" and data:
+    if data:
         size = (Path(model_path) / data["file"]).stat().st_size
         if size != data["bytes"]:
             raise EngineError(f"{Path(model_path) / data['file']} holds {size} bytes, the export wrote "

@@ -27,11 +27,10 @@ OPSET = 17
 QUANTIZATIONS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32  # weights per scale, as chatglm.cpp's q8_0 / q4_0 blocks
 ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: onnxruntime's fastest CPU kernel
-PROTOBUF_LIMIT = 2 ** 31 - 1
 # Weights above this go to the graph's data file. Protobuf stops at 2 GiB, but an inline graph costs twice its
 # size to write (the message, then its serialization) and again to load (ONNX Runtime parses it, then copies each
 # initializer), while a data file is written a tensor at a time and mapped by ONNX Runtime: measured on the 2-layer
-# 6B-shape model, quantizing to a 1.7 GB inline int8 graph peaked at 7.4 GB, to a data file at (see the README).
+# 6B-shape model, quantizing to a 1.7 GB inline int8 graph peaked at 7.4 GB, to a data file at 1.85 GB.
 INLINE_LIMIT = 256 * 2 ** 20
 MAX_INLINE = 1800 * 2 ** 20  # what protobuf's 2 GiB leaves for weights beside the graph itself
 DATA_ALIGNMENT = 64 * 1024  # external tensors start at multiples of this: ONNX Runtime maps aligned ones
@@ -223,7 +222,6 @@ def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_
     """A weight-only quantized copy of `onnx_file`: every MatMul with one of the model's weights becomes
     MatMulNBits (blocks of 32, symmetric, accuracy level 4), as onnxruntime's MatMulNBitsQuantizer makes it, one
     weight read and quantized at a time; returns its description for PREFIX.generation.json."""
-    import numpy as np
     import onnx
     from onnx import helper
 
@@ -242,8 +240,8 @@ def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_
     def weight(tensor):  # one tensor, from the proto or from the graph's data file
         return read_initializer(tensor, onnx_file.parent)
 
-    kept_bytes = sum(_tensor_bytes(i) for i in graph.initializer if i.name not in quantized_names)
-    quantized_bytes = sum(_tensor_bytes(initializers[n]) for n in quantized_names) * bits // 32
+    kept_bytes = sum(tensor_bytes(i) for i in graph.initializer if i.name not in quantized_names)
+    quantized_bytes = sum(tensor_bytes(initializers[n]) for n in quantized_names) * bits // 32
     new_initializers, new_nodes = [], []
     with TensorSink(out_file, external=kept_bytes + quantized_bytes > inline_limit) as sink:
         for init in graph.initializer:
@@ -311,7 +309,7 @@ def block_quantize(weight, bits: int):
     return packed, scales
 
 
-def _tensor_bytes(tensor) -> int:
+def tensor_bytes(tensor) -> int:
     """A tensor's data size, inline or external, without reading it."""
     import numpy as np
     from onnx import helper

@@ -40,6 +40,11 @@ class StoredTensor:
         return DTYPES[self.dtype_code]
 
 
+def numpy_dtype(dtype_code: int) -> np.dtype:
+    """How the raw data of a tensor of this paddle dtype is read (bfloat16, which numpy lacks, as its bits)."""
+    return np.dtype("uint16" if DTYPES[dtype_code] == "bfloat16" else DTYPES[dtype_code])
+
+
 def program_parameters(graph_json: Path) -> Dict[str, list]:
     """name -> declared shape of every parameter of an exported PIR program."""
     found, stack = {}, [json.loads(Path(graph_json).read_text(encoding="utf-8"))]
@@ -83,7 +88,7 @@ def stored_tensors(prefix: Path) -> List[StoredTensor]:
 
 def read_tensor(params_file: Path, tensor: StoredTensor) -> np.ndarray:
     """One tensor's data (only its bytes are read)."""
-    dtype = np.dtype("uint16") if tensor.dtype == "bfloat16" else np.dtype(tensor.dtype)
+    dtype = numpy_dtype(tensor.dtype_code)
     count = tensor.nbytes // dtype.itemsize
     array = np.fromfile(params_file, dtype=dtype, count=count, offset=tensor.offset)
     return array.reshape(tensor.shape)
@@ -93,23 +98,22 @@ def write_stand_ins(tensors: List[StoredTensor], params_file: Path) -> None:
     """A .pdiparams holding each parameter with its rank but one element (zero)."""
     with open(params_file, "wb") as f:
         for tensor in tensors:
-            itemsize = tensor.nbytes // max(1, int(np.prod(tensor.shape)))
             desc = b"\x08" + _varint(tensor.dtype_code) + b"".join(b"\x10" + _varint(1) for _ in tensor.shape)
-            f.write(struct.pack("<IQIi", 0, 0, 0, len(desc)) + desc + b"\x00" * itemsize)
+            f.write(struct.pack("<IQIi", 0, 0, 0, len(desc)) + desc + b"\x00" * numpy_dtype(tensor.dtype_code).itemsize)
 
 
 # ------------------------------------------------------------------------------------------------ format
 
 
 def _read_header(f, name: str) -> StoredTensor:
-    version, lod_levels = struct.unpack("<IQ", f.read(12))
+    _, lod_levels = struct.unpack("<IQ", f.read(12))  # version, LoD levels
     for _ in range(lod_levels):
         (level_bytes,) = struct.unpack("<Q", f.read(8))
         f.seek(level_bytes, 1)
     _, desc_size = struct.unpack("<Ii", f.read(8))
     dtype_code, shape = _tensor_desc(f.read(desc_size))
-    itemsize = np.dtype("uint16" if DTYPES[dtype_code] == "bfloat16" else DTYPES[dtype_code]).itemsize
-    return StoredTensor(name, dtype_code, tuple(shape), f.tell(), int(np.prod(shape, dtype=np.int64)) * itemsize)
+    return StoredTensor(name, dtype_code, tuple(shape), f.tell(),
+                        int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype_code).itemsize)
 
 
 def _tensor_desc(buf: bytes):
