@@ -20,21 +20,28 @@ QSTAMP := $(QVENV)/.installed
 
 venv: $(STAMP) $(QSTAMP) $(ASTAMP)
 
-$(STAMP): requirements.txt constraints.txt
+# Each environment also gets this project itself, editable (pyproject.toml): `glm_tune`, `data`, `utils` and
+# `argument` import from anywhere without sys.path edits. The siblings take it without its Paddle stack.
+INSTALL_SELF := -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) $(INSTALL_SELF)
 	touch $(STAMP)
 
 # The PyTorch QLoRA sibling has its own pinned environment (different torch-side stack).
-$(QSTAMP): qlora/requirements.txt qlora/constraints.txt
+$(QSTAMP): qlora/requirements.txt qlora/constraints.txt pyproject.toml
 	test -x $(QPY) || $(PYTHON) -m venv $(QVENV)
 	$(QPY) -m pip install --quiet --disable-pip-version-check -r qlora/requirements.txt -c qlora/constraints.txt
+	$(QPY) $(INSTALL_SELF)
 	touch $(QSTAMP)
 
 # The MindSpore sibling too (mindspore/mindformers pin numpy<2 and their own transformers).
-$(ASTAMP): ascend/requirements.txt ascend/constraints.txt
+$(ASTAMP): ascend/requirements.txt ascend/constraints.txt pyproject.toml
 	test -x $(APY) || $(PYTHON) -m venv $(AVENV)
 	$(APY) -m pip install --quiet --disable-pip-version-check -r ascend/requirements.txt -c ascend/constraints.txt
+	$(APY) $(INSTALL_SELF)
 	touch $(ASTAMP)
 
 # The whole suite, slow end-to-end tests included (what CI runs): the Paddle suite, then the siblings. Every suite
@@ -81,7 +88,7 @@ lock:
 	rm -rf $(BUILD)/lockvenv && $(PYTHON) -m venv $(BUILD)/lockvenv
 	$(BUILD)/lockvenv/bin/pip install --quiet -r requirements.txt
 	( echo '# Lock of every package in the tested .venv (pip freeze). Regenerate with `make lock` after changing requirements.txt.'; \
-	  $(BUILD)/lockvenv/bin/pip freeze ) > constraints.txt
+	  $(BUILD)/lockvenv/bin/pip freeze --all | grep -v "^pip==" ) > constraints.txt
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

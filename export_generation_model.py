@@ -7,7 +7,10 @@ Writes OUT/chatglm.json + OUT/chatglm.pdiparams (the step graph, see step_model.
 OUT/chatglm.generation.json (inputs, outputs, cache layout and generation defaults) into OUT's folder;
 `infer_generation.py --model_path OUT_FOLDER --model_prefix chatglm` runs it.
 """
-from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console
+
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
+
 import gc
 import logging
 from dataclasses import dataclass, field

@@ -8,7 +8,10 @@
 
 `python finetune_generation.py --help` lists every flag (PaddleNLP's TrainingArguments plus this suite's).
 """
-from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console
+
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
+
 import json
 import logging
 from pathlib import Path

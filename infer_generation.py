@@ -5,7 +5,10 @@
         --output_file engine.json          # same contract as predict_generation.py: compare line by line
     python infer_generation.py --model_path ./checkpoints/infer --model_prefix chatglm --interactive True
 """
-from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console
+
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
+
 import json
 import logging
 import sys

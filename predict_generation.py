@@ -7,7 +7,10 @@
     python -m paddle.distributed.launch --nproc_per_node 2 predict_generation.py --model_name_or_path TP_CKPT \
         --merge_tensor_parallel_path ./checkpoints/merged
 """
-from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console
+
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
+
 import logging
 
 import paddle

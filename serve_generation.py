@@ -9,7 +9,10 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions (stream and non-stream; ChatGLM3 tools), GET /health, and
 with --ui a chat page at /. The same engine, prompt formats and answer decoding as infer_generation.py.
 """
-from glm_tune import console  # first import: it turns the libraries' start-up noise off before paddle loads
+from glm_tune import console
+
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
+
 import ipaddress
 import logging
 import os

@@ -5,15 +5,9 @@ MindFormers 1.9's `ADGENMetric` drops a sample whose prediction is empty (`conti
 that answers nothing to half the prompts is scored on the other half only; THUDM's evaluation, and this metric,
 score such a sample 0. The pairs are kept so the launcher can write them next to the scores.
 """
-import sys
-from pathlib import Path
 from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from utils import compute_metrics  # noqa: E402
+from utils import compute_metrics
 
 
 class SuiteADGENMetric:

@@ -20,12 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from glm_tune.conversion.checkpoint_convert import ConversionError, HFWeights  # noqa: E402  (framework-free readers)
-from glm_tune.safe_output import OutputRefused, check_output_dir  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import ConversionError, HFWeights  # framework-free readers
+from glm_tune.safe_output import OutputRefused, check_output_dir
 
 HF_EMBEDDING = "transformer.embedding.word_embeddings.weight"
 MS_EMBEDDING = "transformer.embedding.embedding_weight"

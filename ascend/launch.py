@@ -2,14 +2,8 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
-ASCEND = Path(__file__).resolve().parent
-for folder in (ASCEND, ASCEND.parent):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from recipe import RecipeError, add_recipe_arguments, describe, load_recipe, overrides_from_args  # noqa: E402
+from recipe import RecipeError, add_recipe_arguments, describe, load_recipe, overrides_from_args
 
 
 def parser_for(doc: str, default_config: str) -> argparse.ArgumentParser:

@@ -17,11 +17,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from glm_tune.safe_output import atomic_write_json  # noqa: E402
+from glm_tune.safe_output import atomic_write_json
 
 
 class RankTableError(ValueError):

@@ -12,15 +12,11 @@ must change:
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 ASCEND = Path(__file__).resolve().parent
-for _folder in (ASCEND, ASCEND.parent):  # convert_weights beside it, the suite's glm_family above it
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
 
 CONFIGS = ASCEND / "configs"
 logger = logging.getLogger("glm_tune.ascend")

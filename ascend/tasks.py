@@ -4,20 +4,13 @@ Each takes a recipe already loaded by `recipe.load_recipe` and runs MindFormers'
 ChatGLM2ForConditionalGeneration, generate); the suite adds its data checks, ADGEN metric, loss log and files.
 """
 import json
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-ASCEND = Path(__file__).resolve().parent
-ROOT = ASCEND.parent
-for folder in (ASCEND, ROOT):
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-
-from glm_tune.conversion.checkpoint_convert import ConversionError  # noqa: E402
-from glm_tune.safe_output import atomic_write_json, atomic_write_text  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import ConversionError
+from glm_tune.safe_output import atomic_write_json, atomic_write_text
 
 
 def start(config) -> None:

@@ -13,11 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from memory import peak_rss_mb  # noqa: E402
+from memory import peak_rss_mb
 
 
 def child(args) -> None:

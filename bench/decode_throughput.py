@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIZES = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_attention_heads": 4, "ffn_hidden_size": 256, "vocab_size": None},
@@ -266,7 +265,9 @@ def main(argv=None) -> None:
     args.work_dir = (ROOT / args.work_dir).resolve()
     args.model_dir = args.work_dir / f"{args.size}-model"
     if args.worker:
-        from glm_tune import console  # noqa: F401  (imported for its effect: quiet start-up)
+        from glm_tune import console
+
+        console.quiet_startup()  # before the engine's imports load paddle
 
         print(json.dumps(measure_system(args.worker, args.work_dir / f"{args.size}-infer", args)))
         return

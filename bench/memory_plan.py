@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GIB = 1024 ** 3
 MODELS = {"ChatGLM-6B": "chatglm", "ChatGLM2-6B": "chatglm2", "ChatGLM3-6B": "chatglm3"}

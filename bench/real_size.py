@@ -51,7 +51,6 @@ def weight_bytes(folder: Path) -> int:
 
 def serve_once(export: Path, log: Path) -> dict:
     """serve_generation.py on the int8 graph: peak RSS after one answered request."""
-    sys.path.insert(0, str(ROOT))
     import urllib.request
 
     from tools.local_server import start_server
@@ -75,7 +74,6 @@ def serve_once(export: Path, log: Path) -> dict:
 def quantized_logits(export: Path) -> dict:
     """int8 / int4 against fp32 on ONNX Runtime: the prefill's last-position logits of the 3 prompts, max |diff|
     and whether the argmax agrees (one engine loaded at a time)."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np
     from paddlenlp.transformers import AutoConfig, AutoTokenizer
 

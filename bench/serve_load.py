@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import decode_throughput  # noqa: E402  (the same model, export and peer run)
+import decode_throughput  # the same model, export and peer run
 
 PROMPTS = ["类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣", "类型#裙*风格#复古*图案#格子*裙长#连衣裙",
            "类型#裤*版型#宽松*材质#棉*风格#休闲", "晚上睡不着应该怎么办", "你好，请介绍一下你自己",

@@ -2,8 +2,9 @@
 
 Paddle, setuptools and `datasets` print warnings and log lines at import that a user can do nothing about
 (`No ccache found`, `Setuptools is replacing distutils`, `PyTorch version … available`), and Paddle Inference
-writes a glog line per graph pass each time an engine is built. Importing this module runs `quiet_startup()`, so
-each entry script imports it first, before paddle; `--verbose True` or GLM_TUNE_VERBOSE=1 brings all of it back. Warnings that matter to the user
+writes a glog line per graph pass each time an engine is built. Each entry script calls `quiet_startup()` as its
+first statement, before the imports that load paddle (importing this module does nothing by itself, so an import
+sorter cannot break it); `--verbose True` or GLM_TUNE_VERBOSE=1 brings all of it back. Warnings that matter to the user
 (anything else) are still shown. Framework-free: nothing here imports paddle.
 """
 import logging
@@ -78,5 +79,3 @@ class _DropLibraryNoise(logging.Filter):
     def filter(self, record):
         return not any(text in record.getMessage() for text in self.NOISE)
 
-
-quiet_startup()  # on import: the entry scripts import this module before anything that loads paddle

@@ -9,7 +9,7 @@ from typing import List
 import numpy as np
 import paddle
 
-from data import DataCollator
+from glm_tune.data.collator import DataCollator
 
 # ChatGLM3 ends an answer with eos or by opening the next turn.
 _STOP_COMMANDS = {"chatglm3": ("<|user|>", "<|observation|>")}

@@ -7,11 +7,8 @@ answer and keeps the program (and the conversation so far); Ctrl-C at the prompt
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 WELCOME = "ChatGLM chat. Type a message; 'clear' starts over, 'exit' quits; Ctrl-C stops an answer."
 

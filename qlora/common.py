@@ -2,18 +2,13 @@
 and streaming generation. Framework-free pieces (record readers, prompt formats, metrics) are imported from the
 main suite's data.py / utils.py / glm_tune/glm_family.py, which import no deep-learning framework."""
 import json
-import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from data import Example, get_prompt_format  # noqa: E402  (framework-free)
-from glm_tune.glm_family import detect_generation  # noqa: E402
+from data import Example, get_prompt_format  # framework-free
+from glm_tune.glm_family import detect_generation
 
 STOP_COMMANDS = {"chatglm3": ("<|user|>", "<|observation|>")}
 

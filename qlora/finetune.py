@@ -11,13 +11,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-import common  # noqa: E402,F401  (puts the main suite on the path)
-import torch  # noqa: E402
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed  # noqa: E402
-
-from data import IGNORE_INDEX, DataFormatError, get_prompt_format, read_examples  # noqa: E402
+from data import IGNORE_INDEX, DataFormatError, get_prompt_format, read_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]  # GLM layout
 THUDM_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]  # THUDM's own modeling code

@@ -6,12 +6,8 @@ Answers appear as they are generated (typing effect), the conversation is kept a
 button starts over. The streaming endpoint is also an API: gradio_client.Client(url).submit(msg, api_name="/chat").
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 
 def history_pairs(messages) -> list:

@@ -6,14 +6,11 @@
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (puts the main suite on the path)
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import atomic_folder, check_output_dir  # noqa: E402
+import common
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import atomic_folder, check_output_dir
 
 
 def merge(lora_model, output_dir, base_model=None, overwrite: bool = False) -> Path:

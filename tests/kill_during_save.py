@@ -6,11 +6,8 @@
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import paddle  # noqa: E402  (patched before PaddleNLP binds paddle.save as its default save function)
+import paddle  # patched before PaddleNLP binds paddle.save as its default save function
 
 STEP = sys.argv[1]
 real_save = paddle.save
@@ -25,6 +22,6 @@ def save_then_die(obj, path, *args, **kwargs):
 
 paddle.save = save_then_die
 
-import finetune_generation  # noqa: E402
+import finetune_generation
 
 finetune_generation.main(sys.argv[2:])

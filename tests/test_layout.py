@@ -2,6 +2,7 @@
 (training, conversion, deployment), an acyclic import graph that never climbs from the library to a command,
 and siblings that import only framework-free modules of the main suite."""
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,28 +39,84 @@ def imports(path: Path, top_level_only=False) -> set:
 def test_the_root_holds_the_commands_and_the_shared_modules_only():
     assert {p.stem for p in ROOT.glob("*.py")} == COMMANDS | SHARED
     assert {p.name for p in (ROOT / "glm_tune").iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "training", "conversion", "deployment", "serving"}
+        "data", "training", "conversion", "deployment", "serving"}
 
 
-def test_the_import_graph_is_acyclic_and_never_reaches_a_command():
-    modules = suite_modules()
-    graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+def import_graph(modules: dict, node=lambda name: name) -> dict:
+    """node(importer) -> {node(imported)} over the given modules; `node` groups modules (e.g. by package)."""
+    graph = {node(name): set() for name in modules}
     for name, path in modules.items():
-        climbing = {m.split(".")[0] for m in imports(path)} & (COMMANDS | {"tools", "tests"})
-        assert not climbing, f"{name} imports {climbing}"
+        graph[node(name)] |= {node(m) for m in imports(path) if m in modules and node(m) != node(name)}
+    return graph
+
+
+def find_cycle(graph: dict):
+    """One import cycle as a list of nodes (first == last), or None."""
     state = {}
 
     def visit(node, trail):
         if state.get(node) == "done":
-            return
-        assert state.get(node) != "open", f"import cycle: {' -> '.join(trail + [node])}"
+            return None
+        if state.get(node) == "open":
+            return trail[trail.index(node):] + [node]
         state[node] = "open"
-        for nxt in sorted(graph[node]):
-            visit(nxt, trail + [node])
+        for nxt in sorted(graph.get(node, ())):
+            cycle = visit(nxt, trail + [node])
+            if cycle:
+                return cycle
         state[node] = "done"
+        return None
 
     for name in sorted(graph):
-        visit(name, [])
+        cycle = visit(name, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def package_of(name: str) -> str:
+    """A module's package below glm_tune (glm_tune.serving.app -> glm_tune.serving); glm_tune's own modules and
+    the root modules stand for themselves."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "glm_tune" and len(parts) > 2 else name
+
+
+def test_the_import_graph_is_acyclic_and_never_reaches_a_command():
+    modules = suite_modules()
+    for name, path in modules.items():
+        climbing = {m.split(".")[0] for m in imports(path)} & (COMMANDS | {"tools", "tests"})
+        assert not climbing, f"{name} imports {climbing}"
+    assert find_cycle(import_graph(modules)) is None, find_cycle(import_graph(modules))
+
+
+def test_packages_import_one_another_without_a_loop():
+    """Module by module a tree can be acyclic while its packages import each other both ways (data.py imported
+    glm_tune.errors while glm_tune imported data.py): the graph of packages is checked too."""
+    cycle = find_cycle(import_graph(suite_modules(), package_of))
+    assert cycle is None, f"package import loop: {' -> '.join(cycle)}"
+
+
+def test_the_library_never_imports_a_root_module():
+    """data.py, utils.py and argument.py are the commands' and users' face of glm_tune/, importing down only."""
+    for name, path in suite_modules().items():
+        if name.startswith("glm_tune"):
+            up = {m.split(".")[0] for m in imports(path)} & (SHARED | COMMANDS)
+            assert not up, f"{name} imports the root module(s) {sorted(up)}"
+
+
+def test_the_package_check_catches_a_loop_the_module_check_misses(tmp_path):
+    (tmp_path / "glm_tune" / "reading").mkdir(parents=True)
+    (tmp_path / "glm_tune" / "writing").mkdir()
+    files = {"glm_tune/reading/records.py": "from glm_tune.writing.files import atomic\n",
+             "glm_tune/writing/files.py": "atomic = 1\n",
+             "glm_tune/writing/report.py": "from glm_tune.reading.checks import check\n",
+             "glm_tune/reading/checks.py": "check = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    modules = {name.removesuffix(".py").replace("/", "."): tmp_path / name for name in files}
+    assert find_cycle(import_graph(modules)) is None
+    assert find_cycle(import_graph(modules, package_of)) == ["glm_tune.reading", "glm_tune.writing",
+                                                             "glm_tune.reading"]
 
 
 def test_the_siblings_import_only_framework_free_modules_of_the_suite():
@@ -93,3 +150,39 @@ def test_the_next_token_is_chosen_in_one_place():
                 defined.setdefault(node.name, []).append(module_name(path))
     assert defined == {"Sampling": ["glm_tune.sampling"], "choose_next": ["glm_tune.sampling"],
                        "penalize": ["glm_tune.sampling"]}
+
+
+def python_files_of_the_project():
+    """Every .py file the project ships (commands, library, tools, benches, siblings, tests), not the venvs'."""
+    skip = {".venv", "build", "__pycache__", ".git"}
+    return [p for p in sorted(ROOT.rglob("*.py")) if not skip & set(p.relative_to(ROOT).parts)]
+
+
+def test_nothing_but_the_test_configuration_edits_sys_path():
+    """The project is installed (pyproject.toml, `pip install -e .` in `make venv`), so no command, library module,
+    tool, bench or sibling puts a folder on sys.path; only the suites' conftest files may (issue 28)."""
+    editing = []
+    for path in python_files_of_the_project():
+        if path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys":
+                editing.append(str(path.relative_to(ROOT)))
+    assert not editing, f"sys.path used outside conftest.py: {sorted(set(editing))}"
+
+
+def test_each_entry_script_quiets_the_console_itself_before_paddle_loads():
+    """`console.quiet_startup()` is a call each script makes before its imports that load paddle; importing the
+    console module changes nothing (an import sorter reordering imports cannot silence or unsilence anything)."""
+    console_tree = ast.parse((ROOT / "glm_tune" / "console.py").read_text(encoding="utf-8"))
+    assert not [n for n in console_tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+    scripts = [ROOT / f"{name}.py" for name in sorted(COMMANDS)] + [
+        ROOT / "tools" / f"{name}.py" for name in ("make_tiny_model", "merge_tp_shards", "convert_checkpoint")]
+    for path in scripts:
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        call = next(i for i, node in enumerate(body) if isinstance(node, ast.Expr)
+                    and "quiet_startup" in ast.unparse(node))
+        before = {alias.name.split(".")[0] if isinstance(node, ast.Import) else node.module.split(".")[0]
+                  for node in body[:call] if isinstance(node, (ast.Import, ast.ImportFrom))
+                  for alias in node.names}
+        assert "glm_tune" in before and before - {"glm_tune"} <= sys.stdlib_module_names, path.name

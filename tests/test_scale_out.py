@@ -225,8 +225,7 @@ def test_degree_four_trains_like_the_single_process(model_type, method, tiny8, d
 
 
 def test_memory_plan_counts_chatglm2_6b_by_hand():
-    sys.path.insert(0, str(ROOT / "bench"))
-    import memory_plan
+    from bench import memory_plan
 
     shapes_config = memory_plan.full_shapes("chatglm2")
     h, ffn, vocab, layers, kv = 4096, 13696, 65024, 28, 2 * 128 * 2
@@ -247,8 +246,7 @@ def test_memory_plan_counts_chatglm2_6b_by_hand():
 
 @pytest.mark.parametrize("degree", [2, 4, 8])
 def test_memory_plan_split_rules_match_real_shards(degree, tiny8, tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import memory_plan
+    from bench import memory_plan
 
     shards = split_into_shards(tiny8("chatglm2"), tmp_path / "tp", degree)
     config = load_config(str(tiny8("chatglm2")), "chatglm2")

@@ -2,16 +2,13 @@
 single-process ops they replace. Writes one JSON line of max differences per rank to argv[1]."""
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from paddle.distributed import fleet
 
-import numpy as np  # noqa: E402
-import paddle  # noqa: E402
-import paddle.distributed as dist  # noqa: E402
-from paddle.distributed import fleet  # noqa: E402
-
-from glm_tune.training import tp_cpu_compat  # noqa: E402
+from glm_tune.training import tp_cpu_compat
 
 strategy = fleet.DistributedStrategy()
 strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 2, "pp_degree": 1}
@@ -32,7 +29,7 @@ ref = paddle.nn.functional.cross_entropy(full, paddle.to_tensor(labels)[:, None]
 (ref * paddle.to_tensor(upstream)).sum().backward()
 
 shard = paddle.to_tensor(logits[:, rank * 5:(rank + 1) * 5], stop_gradient=False)
-from paddle.distributed.fleet.layers.mpu import mp_ops  # noqa: E402
+from paddle.distributed.fleet.layers.mpu import mp_ops
 
 loss = mp_ops._c_softmax_with_cross_entropy(shard, paddle.to_tensor(labels), group=group)
 (loss * paddle.to_tensor(upstream)).sum().backward()

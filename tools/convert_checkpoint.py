@@ -10,16 +10,15 @@ names every missing or unexpected tensor, and never leaves a partial output fold
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glm_tune import console
 
-from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
 
-from glm_tune.conversion.checkpoint_convert import (ConversionError, convert_hf_to_paddle,  # noqa: E402
+from glm_tune.conversion.checkpoint_convert import (ConversionError, convert_hf_to_paddle,
                                                      convert_paddle_to_hf)
-from glm_tune.errors import run_cli  # noqa: E402
+from glm_tune.errors import run_cli
 
 
 def main(argv=None) -> Path:

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from glm_tune.errors import GlmTuneError, run_cli  # noqa: E402
-from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
+from glm_tune.errors import GlmTuneError, run_cli
+from glm_tune.safe_output import check_output_dir, write_owner
 
 COMMAND = "demo"
 METRICS = ["rouge-1", "rouge-2", "rouge-l", "bleu-4"]

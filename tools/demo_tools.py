@@ -14,18 +14,16 @@ Steps, each through the project's own scripts as a user runs them:
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import check_output_dir, write_owner  # noqa: E402
-from tools.demo import run  # noqa: E402
-from tools.local_server import start_server  # noqa: E402
-from tools.tool_use_data import TOOLS, run_tool  # noqa: E402
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import check_output_dir, write_owner
+from tools.demo import run
+from tools.local_server import start_server
+from tools.tool_use_data import TOOLS, run_tool
 
 COMMAND = "demo_tools"
 SCORES = ["tool-name-acc", "tool-args-em", "rouge-1", "bleu-4"]

@@ -14,11 +14,7 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):

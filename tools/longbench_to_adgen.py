@@ -14,11 +14,9 @@ import string
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import DataFormatError, iter_json_records, read_text_file  # noqa: E402
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import atomic_write_text, check_output_file  # noqa: E402
+from data import DataFormatError, iter_json_records, read_text_file
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import atomic_write_text, check_output_file
 
 
 def read_templates(prompt_config) -> dict:

@@ -15,11 +15,9 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import atomic_write_text, check_output_dir, write_owner  # noqa: E402
-from tools.tool_use_data import prompt_of, tool_record  # noqa: E402
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import atomic_write_text, check_output_dir, write_owner
+from tools.tool_use_data import prompt_of, tool_record
 
 COMMAND = "make_demo_data"
 

@@ -20,16 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glm_tune import console
 
-from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from glm_tune.glm_family import GENERATION_KEY, get_generation  # noqa: E402
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.safe_output import atomic_folder, check_output_dir  # noqa: E402
-from tools.make_demo_data import make_record  # noqa: E402
+from glm_tune.glm_family import GENERATION_KEY, get_generation
+from glm_tune.errors import run_cli
+from glm_tune.safe_output import atomic_folder, check_output_dir
+from tools.make_demo_data import make_record
 
 CORPUS_FILE = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
 

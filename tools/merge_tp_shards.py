@@ -6,14 +6,13 @@ Refuses, before writing anything, a missing or extra shard, or shapes that do no
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glm_tune import console
 
-from glm_tune import console  # noqa: E402  (first: the libraries' start-up noise off before paddle loads)
+console.quiet_startup()  # called before the imports below: paddle prints its start-up warnings while it loads
 
-from glm_tune.errors import run_cli  # noqa: E402
-from glm_tune.conversion.tp_merge import merge_tp_shards  # noqa: E402
+from glm_tune.errors import run_cli
+from glm_tune.conversion.tp_merge import merge_tp_shards
 
 
 def main(argv=None) -> None:

@@ -11,11 +11,9 @@ import pytest
 ASCEND = Path(__file__).resolve().parents[1]
 ROOT = ASCEND.parent
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
-sys.path.insert(0, str(ASCEND))
-sys.path.insert(0, str(ROOT))
 
-import convert_weights  # noqa: E402
-from glm_tune.conversion.checkpoint_convert import HFWeights  # noqa: E402
+import convert_weights
+from glm_tune.conversion.checkpoint_convert import HFWeights
 
 PADDLE_LOGITS = """
 import sys, numpy as np, paddle
@@ -248,7 +246,6 @@ def test_lora_finetune_trains_the_adapters_and_folds_into_weights_paddle_runs(fi
 
 @pytest.mark.slow
 def test_eval_scores_with_the_suite_metric(finetuned, paddle_and_hf, demo_data, tmp_path):
-    sys.path.insert(0, str(ROOT))
     from utils import compute_metrics
 
     launcher("evaluate.py", "--model_dir", paddle_and_hf("chatglm2") / "hf", "--load_checkpoint",

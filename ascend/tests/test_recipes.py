@@ -2,16 +2,13 @@
 cannot run; the CPU adaptation changes only device limits; the suite's ADGEN metric in MindFormers' eval loop."""
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ASCEND = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ASCEND))
-sys.path.insert(0, str(ASCEND.parent))
 
-from recipe import (CONFIGS, RecipeError, RecipeOverrides, adapt_to_cpu, devices_needed, load_recipe,  # noqa: E402
+from recipe import (CONFIGS, RecipeError, RecipeOverrides, adapt_to_cpu, devices_needed, load_recipe,
                     unregistered_types)
 
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))

@@ -8,7 +8,8 @@ from typing import List
 
 import numpy as np
 
-from data import Example, cut_summary, get_prompt_format
+from glm_tune.data.examples import Example
+from glm_tune.data.prompt_formats import cut_summary, get_prompt_format
 from glm_tune.generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
 from glm_tune.sampling import Sampling, choose_next
 
@@ -159,7 +160,7 @@ def check_predictions_target(output_file, overwrite: bool, inputs: dict) -> None
 
 def load_prompts(data_file: str = None) -> List[Example]:
     """Prompts from `--data_file` (JSON lines or list with `content` or `instruction`/`input`), or the built-ins."""
-    from data import read_examples
+    from glm_tune.data.records import read_examples
 
     if not data_file:
         return [Example(p) for p in BUILTIN_PROMPTS]

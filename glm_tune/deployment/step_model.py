@@ -24,7 +24,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from data import DataCollator
+from glm_tune.data.collator import DataCollator
 from glm_tune.errors import GlmTuneError
 from glm_tune.deployment.kv_cache import KVCache, widen
 

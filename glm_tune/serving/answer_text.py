@@ -10,7 +10,7 @@ tail that could begin a stop string wait for the next token.
 """
 from typing import List, Optional, Tuple
 
-from data import parse_tool_call
+from glm_tune.data.tool_calls import parse_tool_call
 from glm_tune.generation import decode_answer, decode_text
 
 REPLACEMENT = "\ufffd"

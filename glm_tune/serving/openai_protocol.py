@@ -9,7 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from data import ChatTurn, DataFormatError, check_no_lone_surrogate, tool_call_turn, tools_system_text
+from glm_tune.data.examples import ChatTurn, DataFormatError
+from glm_tune.data.records import check_no_lone_surrogate
+from glm_tune.data.tool_calls import tool_call_turn, tools_system_text
 from glm_tune.sampling import Sampling
 
 

@@ -12,7 +12,7 @@ from paddlenlp.trainer.integrations import VisualDLCallback
 from glm_tune.generation import decode_answer, generate_ids
 from glm_tune.training.run_checkpoints import checkpoint_step, mark_complete, train_loss_sum
 from glm_tune.safe_output import atomic_write_json
-from utils import score_answers, token_accuracy
+from glm_tune.metrics import score_answers, token_accuracy
 
 logger = logging.getLogger(__name__)
 

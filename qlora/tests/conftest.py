@@ -10,8 +10,7 @@ import pytest
 QLORA = Path(__file__).resolve().parents[1]
 ROOT = QLORA.parent
 MAIN_PYTHON = ROOT / ".venv" / "bin" / "python"
-sys.path.insert(0, str(QLORA))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(QLORA))  # the sibling's scripts import one another by name, as when run from qlora/
 
 
 def run_main_venv(*args, **kwargs):
