@@ -27,9 +27,8 @@ from glm_tune.errors import run_cli
 from glm_tune.training.glm_trainer import (ConsoleProgress, GenerationEvaluator, GLMTrainer, TrainingArtifactsCallback,
                                            accuracy_metrics, read_log_history, use_safe_visualdl,
                                            write_run_summary)
-from glm_tune.model_loading import (ConfigurationError, apply_lora, apply_prefix, check_adapter_flags, check_lengths,
-                                    check_tensor_parallel, load_config, load_model, load_tokenizer,
-                                    resolve_generation, resolve_model_folder)
+from glm_tune.model_loading import (Adapter, ConfigurationError, check_adapter_flags, check_lengths, check_tensor_parallel,
+                                    load_checkpoint, load_config, locate_checkpoint, resolve_generation)
 from glm_tune.process_memory import peak_rss_per_rank
 from glm_tune.safe_output import write_owner
 from glm_tune.tensor_parallel_layout import mark_replicated_kv
@@ -44,7 +43,7 @@ def parse_arguments(argv=None):
 
 
 def validate(model_args, data_args, training_args) -> tuple:
-    """Every check that needs no weights: returns (generation, run identity, output folder state, the records of
+    """Every check that needs no weights: returns (the checkpoint, run identity, output folder state, the records of
     each split the run reads), raises with the flag to fix."""
     check_adapter_flags(model_args)
     if training_args.per_device_train_batch_size < 1 or training_args.per_device_eval_batch_size < 1:
@@ -54,12 +53,12 @@ def validate(model_args, data_args, training_args) -> tuple:
     inputs = {"--model_name_or_path": model_args.model_name_or_path, "--task_name_or_path": data_args.task_name_or_path,
               "--lora_path": model_args.lora_path, "--prefix_path": model_args.prefix_path}
     output_state = claim_output_dir(training_args.output_dir, run, inputs, training_args.overwrite_output_dir)
-    resolve_model_folder(model_args, generation)
+    checkpoint = locate_checkpoint(model_args, training_adapter(model_args), generation)
     # read (and so checked) here, before any weight is loaded; the datasets are built from these records
     splits = ["train"] * training_args.do_train + ["dev"] * training_args.do_eval
     records = {split: read_examples(task_file(data_args.task_name_or_path, split), data_args.skip_bad_records,
                                     data_format=data_args.data_format, offer_skip=True) for split in splits}
-    config = load_config(model_args.model_name_or_path, generation)
+    config = load_config(checkpoint.folder, generation)
     check_lengths(config, data_args.src_length, data_args.tgt_length)
     degree = training_args.requested_tensor_parallel_degree
     check_tensor_parallel(config, generation, degree)
@@ -77,7 +76,7 @@ def validate(model_args, data_args, training_args) -> tuple:
         for folder in drop_checkpoints(training_args.output_dir):
             logger.info("--overwrite_output_dir: removed %s of an earlier run", folder)
         output_state = "new"
-    return generation, run, output_state, records
+    return checkpoint, run, output_state, records
 
 
 def model_dtype(training_args) -> str:
@@ -89,19 +88,24 @@ def model_dtype(training_args) -> str:
     return "float32"
 
 
-def build_model(model_args, training_args, generation):
-    dtype = model_dtype(training_args)
-    # ChatGLM2/3 only add prefix key/values through the KV-cache path, so prefix tuning needs use_cache.
-    model = load_model(model_args.model_name_or_path, generation, dtype,
-                       training_args.tensor_parallel_degree, max(training_args.tensor_parallel_rank, 0),
-                       use_cache=bool(model_args.prefix_tuning), recompute=training_args.recompute)
+def training_adapter(model_args):
+    """The adapter this run trains: new LoRA / prefixes of the given size, or trained ones to continue."""
     if model_args.lora:
-        model = apply_lora(model, generation, model_args.lora_rank, model_args.lora_alpha, model_args.lora_path,
-                           dtype, seed=training_args.seed)
-    elif model_args.prefix_tuning:
-        model = apply_prefix(model, generation, model_args.num_prefix_tokens, model_args.prefix_path, dtype)
+        return Adapter("lora", model_args.lora_path, model_args.lora_rank, model_args.lora_alpha)
+    if model_args.prefix_tuning:
+        return Adapter("prefix", model_args.prefix_path, num_prefix_tokens=model_args.num_prefix_tokens)
+    return None
+
+
+def build_model(checkpoint, training_args):
+    """(model, tokenizer) for training."""
+    # ChatGLM2/3 only add prefix key/values through the KV-cache path, so prefix tuning needs use_cache.
+    prefix = checkpoint.adapter is not None and checkpoint.adapter.kind == "prefix"
+    model, tokenizer = load_checkpoint(checkpoint, model_dtype(training_args), training_args.tensor_parallel_degree,
+                                       max(training_args.tensor_parallel_rank, 0), seed=training_args.seed,
+                                       use_cache=prefix, recompute=training_args.recompute)
     mark_replicated_kv(model)  # degree past the KV groups: copies whose gradients are summed at each step
-    return model
+    return model, tokenizer
 
 
 def build_datasets(data_args, training_args, tokenizer, generation, records, gen_args=None):
@@ -167,7 +171,7 @@ def main(argv=None):
 
     gloo_rendezvous.install()  # before parsing: PaddleNLP's arguments start fleet (CPU, 2+ ranks)
     model_args, data_args, gen_args, training_args = parse_arguments(argv)
-    generation, run, output_state, records = validate(model_args, data_args, training_args)
+    checkpoint, run, output_state, records = validate(model_args, data_args, training_args)
     resume_from = resume_checkpoint(training_args, output_state) if training_args.do_train else None
     if training_args.tensor_parallel_degree > 1:
         from glm_tune.training import kv_replica_sync
@@ -177,8 +181,7 @@ def main(argv=None):
     # Optimizer state in a checkpoint is keyed by parameter and accumulator names, which Paddle numbers per
     # process; a fresh name scope gives the same names on every run, so a checkpoint resumes in any process.
     with paddle.utils.unique_name.guard():
-        return train_and_evaluate(model_args, data_args, training_args, generation, records, run, resume_from,
-                                  gen_args)
+        return train_and_evaluate(data_args, training_args, checkpoint, records, run, resume_from, gen_args)
 
 
 def write_predictions_file(path: Path, evaluator) -> None:
@@ -190,11 +193,10 @@ def write_predictions_file(path: Path, evaluator) -> None:
                                     for r, p in zip(evaluator.references, evaluator.last_predictions)))
 
 
-def train_and_evaluate(model_args, data_args, training_args, generation, records, run=None, resume_from=None,
-                       gen_args=None):
+def train_and_evaluate(data_args, training_args, checkpoint, records, run=None, resume_from=None, gen_args=None):
     set_seed(training_args.seed)  # before any weight is created: prefix and LoRA start from the seed
-    tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
-    model = build_model(model_args, training_args, generation)
+    generation = checkpoint.generation
+    model, tokenizer = build_model(checkpoint, training_args)
     train_ds, dev_ds, evaluator = build_datasets(data_args, training_args, tokenizer, generation, records, gen_args)
     if training_args.process_index == 0:  # the folder is this run's from here on
         write_owner(training_args.output_dir, COMMAND, run=run)

@@ -17,8 +17,7 @@ import paddle
 
 from argument import DygraphPredictArgument, GenerateArgument, LengthArgument, ModelArgument, parse_dataclasses
 from glm_tune.errors import run_cli
-from glm_tune.model_loading import (apply_lora, apply_prefix, check_adapter_flags, check_lengths, load_config,
-                                    load_model, load_tokenizer, resolve_generation, resolve_model_folder)
+from glm_tune.model_loading import check_lengths, load_checkpoint, load_config, locate_checkpoint
 from glm_tune.safe_output import check_output_dir
 from glm_tune.sampling import Sampling
 from glm_tune.deployment.predictor import DygraphPredictor, check_predictions_target, load_prompts, report_predictions
@@ -59,17 +58,11 @@ def init_tensor_parallel() -> tuple:
 
 
 def build_predictor(model_args, data_args, gen_args, predict_args, degree=1, rank=0) -> DygraphPredictor:
-    check_adapter_flags(model_args)
-    generation = resolve_generation(model_args.model_name_or_path, model_args.model_type)
-    resolve_model_folder(model_args, generation)
-    check_lengths(load_config(model_args.model_name_or_path, generation), data_args.src_length, data_args.tgt_length)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, generation)
-    model = load_model(model_args.model_name_or_path, generation, tensor_parallel_degree=degree,
-                       tensor_parallel_rank=rank, use_cache=True)
-    if model_args.lora_path:
-        model = apply_lora(model, generation, lora_path=model_args.lora_path)
-    elif model_args.prefix_path:
-        model = apply_prefix(model, generation, prefix_path=model_args.prefix_path)
+    checkpoint = locate_checkpoint(model_args)
+    generation = checkpoint.generation
+    check_lengths(load_config(checkpoint.folder, generation), data_args.src_length, data_args.tgt_length)
+    model, tokenizer = load_checkpoint(checkpoint, tensor_parallel_degree=degree, tensor_parallel_rank=rank,
+                                       use_cache=True)
     model.eval()
     return DygraphPredictor(model, tokenizer, generation, src_length=data_args.src_length,
                             max_new_tokens=data_args.tgt_length, batch_size=predict_args.batch_size,

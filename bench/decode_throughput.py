@@ -96,7 +96,7 @@ def measure_system(system: str, folder: Path, args) -> dict:
     """Worker: first-token ms and decode tok/s per context, batch-8 aggregate tok/s, peak RSS."""
     from paddlenlp.transformers import AutoConfig, AutoTokenizer
 
-    from glm_tune.deployment.step_model import StepFeeds
+    from glm_tune.deployment.step_feeds import StepFeeds
     from glm_tune.process_memory import peak_rss_mb
 
     tokenizer, config = AutoTokenizer.from_pretrained(str(folder)), AutoConfig.from_pretrained(str(folder))
@@ -200,7 +200,8 @@ def bytes_per_token(system: str, args) -> int:
     """Weight bytes a decode step reads: the graph's tensors (inline or in its data file) without the embedding."""
     import onnx
 
-    from glm_tune.deployment.onnx_export import onnx_file_name, tensor_bytes
+    from glm_tune.deployment.export_format import onnx_file_name
+    from glm_tune.deployment.onnx_export import tensor_bytes
 
     folder = args.work_dir / f"{args.size}-infer"
     graph_file = folder / (onnx_file_name("chatglm", None if system in ("dygraph", "paddle", "onnx-fp32") else

@@ -79,7 +79,7 @@ def quantized_logits(export: Path) -> dict:
 
     from data import get_prompt_format
     from glm_tune.deployment.inference_engine import create_engine
-    from glm_tune.deployment.step_model import StepFeeds
+    from glm_tune.deployment.step_feeds import StepFeeds
 
     tokenizer, config = AutoTokenizer.from_pretrained(str(export)), AutoConfig.from_pretrained(str(export))
     fmt = get_prompt_format("chatglm2", tokenizer)

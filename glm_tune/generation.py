@@ -7,7 +7,6 @@ report). Decoding stops at the end-of-answer token; ChatGLM3 also stops at the n
 from typing import List
 
 import numpy as np
-import paddle
 
 from glm_tune.data.collator import DataCollator
 
@@ -34,6 +33,8 @@ def generate_ids(model, tokenizer, generation: str, prompts: List[List[int]], ma
                  batch_size: int = 8, decode_strategy: str = "greedy_search", top_k: int = 1,
                  top_p: float = 1.0, temperature: float = 1.0) -> List[List[int]]:
     """New token ids for each prompt (in input order), cut before the first stop token."""
+    import paddle  # here, not at the top: the server and the ONNX Runtime engine use the text helpers without paddle
+
     collator = DataCollator(tokenizer, generation)
     stops = stop_token_ids(tokenizer, generation)
     results = []

@@ -1,10 +1,14 @@
 """Loading a ChatGLM checkpoint for any script: checks first, then config, model, tokenizer and PEFT wrappers.
 
-Every check here runs before weights are read, so a wrong flag costs seconds, not a model load.
+Every check here runs before weights are read, so a wrong flag costs seconds, not a model load. The commands go
+through two calls: `locate_checkpoint` (the folder resolved, a Hugging Face folder converted once, everything
+checked; the arguments are left as they were) and `load_checkpoint` (model + adapter + tokenizer).
 """
 import logging
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from glm_tune.errors import GlmTuneError, one_line
 from glm_tune.glm_family import GENERATIONS, NotAChatGLMCheckpoint, detect_generation_verdict, get_generation
@@ -171,7 +175,7 @@ def check_adapter_folders(model_args, generation: str) -> None:
     from glm_tune.safe_output import read_owner
 
     for flag, (config_name, weights_stem) in ADAPTER_FILES.items():
-        path = getattr(model_args, flag)
+        path = getattr(model_args, flag, None)
         if not path:
             continue
         folder = Path(path)
@@ -190,12 +194,63 @@ def check_adapter_folders(model_args, generation: str) -> None:
                                      "trained from")
 
 
-def resolve_model_folder(model_args, generation: str) -> None:
-    """--model_name_or_path becomes the Paddle folder to load (a Hugging Face folder is converted once), and that
-    folder and any --lora_path / --prefix_path are checked before a weight is read."""
-    model_args.model_name_or_path = resolve_checkpoint(model_args.model_name_or_path, generation)
-    check_model_folder(model_args.model_name_or_path, generation)
+@dataclass(frozen=True)
+class Adapter:
+    """What wraps the base model: LoRA or P-Tuning v2 prefixes, trained ones loaded from `path`, or new ones
+    (training) of the given size."""
+    kind: str                   # "lora" | "prefix"
+    path: Optional[str] = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    num_prefix_tokens: int = 64
+
+    @classmethod
+    def trained(cls, model_args) -> Optional["Adapter"]:
+        """The adapter --lora_path / --prefix_path names (predict, export), or None."""
+        if model_args.lora_path:
+            return cls("lora", model_args.lora_path)
+        if model_args.prefix_path:
+            return cls("prefix", model_args.prefix_path)
+        return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint resolved and checked, ready for `load_checkpoint`."""
+    folder: str                 # the Paddle folder to load (a Hugging Face folder's converted copy)
+    generation: str
+    adapter: Optional[Adapter] = None
+
+
+def locate_checkpoint(model_args, adapter: Optional[Adapter] = None, generation: str = None) -> Checkpoint:
+    """--model_name_or_path as the Paddle folder to load (a Hugging Face folder is converted once), with that
+    folder and any --lora_path / --prefix_path checked before a weight is read. `adapter`: what to wrap the model
+    with (default: the trained one the flags name)."""
+    check_adapter_flags(model_args)
+    generation = generation or resolve_generation(model_args.model_name_or_path, model_args.model_type)
+    folder = resolve_checkpoint(model_args.model_name_or_path, generation)
+    check_model_folder(folder, generation)
     check_adapter_folders(model_args, generation)
+    return Checkpoint(folder, generation, adapter if adapter is not None else Adapter.trained(model_args))
+
+
+def load_checkpoint(checkpoint: Checkpoint, dtype: str = "float32", tensor_parallel_degree: int = 1,
+                    tensor_parallel_rank: int = 0, low_memory: bool = False, merge_lora: bool = False,
+                    seed: int = 42, **config_overrides):
+    """(model, tokenizer): the model in `dtype`, split for tensor parallel, wrapped with the checkpoint's adapter
+    (`merge_lora`: a LoRA folded into the weights, leaving the plain model)."""
+    model = load_model(checkpoint.folder, checkpoint.generation, dtype, tensor_parallel_degree, tensor_parallel_rank,
+                       low_memory, **config_overrides)
+    adapter = checkpoint.adapter
+    if adapter is not None and adapter.kind == "lora":
+        model = apply_lora(model, checkpoint.generation, adapter.lora_rank, adapter.lora_alpha, adapter.path, dtype,
+                           seed=seed)
+        if merge_lora:
+            model.merge()
+            model = model.model
+    elif adapter is not None and adapter.kind == "prefix":
+        model = apply_prefix(model, checkpoint.generation, adapter.num_prefix_tokens, adapter.path, dtype)
+    return model, load_tokenizer(checkpoint.folder, checkpoint.generation)
 
 
 def check_adapter_matches(adapter_model, path, weights_stem: str) -> None:

@@ -186,3 +186,34 @@ def test_each_entry_script_quiets_the_console_itself_before_paddle_loads():
                   for node in body[:call] if isinstance(node, (ast.Import, ast.ImportFrom))
                   for alias in node.names}
         assert "glm_tune" in before and before - {"glm_tune"} <= sys.stdlib_module_names, path.name
+
+
+def test_the_server_and_the_engines_load_no_paddle_and_no_graph_code():
+    """Serving and infer on ONNX Runtime need the step graph's host-side feeds (numpy), the export format and the
+    engines; the graph code (step_model.py) and paddle itself stay out of their process (issue 28)."""
+    import subprocess
+
+    probe = ("import sys, glm_tune.serving.app, glm_tune.deployment.exported_model, glm_tune.deployment.predictor; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'paddle', 'paddlenlp'}), "
+             "'glm_tune.deployment.step_model' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["[]", "False"], out.stdout
+
+
+def test_checkpoints_are_loaded_through_one_sequence():
+    """predict, export and finetune load through `locate_checkpoint` + `load_checkpoint`; the steps inside them
+    (load_model, apply_lora, apply_prefix, resolve_checkpoint) are called nowhere else, and no command changes its
+    parsed arguments to pass a resolved folder on (issue 28)."""
+    inner = {"load_model", "apply_lora", "apply_prefix", "resolve_checkpoint", "resolve_model_folder"}
+    for path in [ROOT / f"{name}.py" for name in COMMANDS] + sorted((ROOT / "glm_tune").rglob("*.py")):
+        if path.name == "model_loading.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        called = {node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                  for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        assert not called & inner, f"{path.name} calls {sorted(called & inner)}"
+        changed = [ast.unparse(t) for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
+                   if ast.unparse(t).startswith("model_args.")]
+        assert not changed, f"{path.name} assigns {changed}"
+    for loader in ("predict_generation.py", "finetune_generation.py", "glm_tune/deployment/step_export.py"):
+        assert "glm_tune.model_loading.load_checkpoint" in imports(ROOT / loader), loader

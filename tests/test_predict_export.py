@@ -242,7 +242,7 @@ def test_step_graph_reads_the_cache_where_it_lies(model_type, exported, tmp_path
 
     from glm_tune.deployment.inference_engine import OnnxRuntimeEngine
     from glm_tune.deployment.kv_cache import KVCache
-    from glm_tune.deployment.step_model import StepFeeds, append_step
+    from glm_tune.deployment.step_feeds import StepFeeds, append_step
 
     folder = exported(model_type)
     options = ort.SessionOptions()
@@ -353,7 +353,7 @@ def test_onnx_weights_in_data_files_answer_as_dygraph_and_the_inline_graphs(mode
             ["--model_path", str(exports["external"]), "--precision", "int4"])).predict([Example(examples[0].src)])
         assert served == expected[0]
     # a data file that is missing or cut short is named in one line, before the engine is built
-    from glm_tune.deployment.inference_engine import EngineError
+    from glm_tune.deployment.export_format import EngineError
 
     damaged = Path(shutil.copytree(exports["external"], tmp_path / "damaged"))
     with open(damaged / "chatglm.int8.onnx.data", "r+b") as f:

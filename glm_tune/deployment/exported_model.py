@@ -3,8 +3,9 @@ infer_generation.py and serve_generation.py alike."""
 import logging
 from dataclasses import dataclass
 
-from glm_tune.deployment.inference_engine import check_export_folder, choose_engine, create_engine, read_description
-from glm_tune.deployment.step_model import StepFeeds
+from glm_tune.deployment.export_format import check_export_folder, read_description
+from glm_tune.deployment.inference_engine import choose_engine, create_engine
+from glm_tune.deployment.step_feeds import StepFeeds
 from glm_tune.glm_family import get_generation
 
 logger = logging.getLogger(__name__)

@@ -2,57 +2,14 @@
 predictor (the engine FastDeploy's Paddle backend wraps) and, where its runtime is installed, FastDeploy. Each
 is a callable feeds -> (logits, *the step's new keys and values). `choose_engine` picks one from what the export
 holds."""
-import json
 from pathlib import Path
 
-from glm_tune.errors import GlmTuneError, one_line
-
-
-class EngineError(GlmTuneError):
-    """The exported model or the requested backend cannot be used; the message says what to do."""
-
-
-DESCRIPTION_KEYS = ("generation", "dtype", "defaults")
-
-
-def read_description(model_path, model_prefix: str) -> dict:
-    """PREFIX.generation.json of an export: what the graph holds and its generation defaults."""
-    folder = Path(model_path)
-    if not folder.is_dir():
-        raise EngineError(f"--model_path {model_path} is not a folder; pass the folder export_generation_model.py "
-                          "wrote (the folder part of its --output_path)")
-    path = folder / f"{model_prefix}.generation.json"
-    if not path.is_file():
-        found = sorted(p.name[:-len(".generation.json")] for p in folder.glob("*.generation.json"))
-        hint = f" (this folder holds --model_prefix {', '.join(found)})" if found else ""
-        raise EngineError(f"{path} not found{hint}: export the model first with export_generation_model.py "
-                          f"--output_path {folder / model_prefix}")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8-sig"))
-        missing = [k for k in DESCRIPTION_KEYS if k not in info]
-        defaults = info["defaults"] if not missing else {}
-        missing += [f"defaults.{k}" for k in ("src_length", "max_new_tokens") if k not in defaults]
-    except (ValueError, TypeError, OSError) as err:
-        raise EngineError(f"{path} is not a valid export description ({one_line(err)[:80]}); export the model "
-                          "again") from None
-    if missing:
-        raise EngineError(f"{path} lacks {', '.join(missing)}; export the model again")
-    from glm_tune.deployment.step_model import STEP_GRAPH_FORMAT
-
-    if info.get("format") != STEP_GRAPH_FORMAT:
-        raise EngineError(f"{path} describes a step graph from an earlier glm-tune ({info.get('format')!r}, not "
-                          f"{STEP_GRAPH_FORMAT!r}: it returned the whole cache at every step); export the model again")
-    return info
+from glm_tune.deployment.export_format import EXPORT_FLAGS, FORMAT_OF, EngineError, onnx_file_name
+from glm_tune.errors import one_line
 
 
 # Fastest first, as measured on CPU (bench/RESULTS.md): what runs when --backend is omitted.
 SPEED_ORDER = (("onnxruntime", "int4"), ("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("paddle", "fp32"))
-FORMAT_OF = {("onnxruntime", "fp32"): "onnx", ("onnxruntime", "int8"): "onnx-int8",
-             ("onnxruntime", "int4"): "onnx-int4", ("paddle", "fp32"): "paddle", ("fastdeploy", "fp32"): "paddle"}
-EXPORT_FLAGS = {"onnx": "--onnx True", "onnx-int8": "--quantize int8", "onnx-int4": "--quantize int4",
-                "paddle": ""}
-
-
 def choose_engine(info: dict, backend: str = None, precision: str = None) -> tuple:
     """(backend, precision) to run: the ones asked for, or the fastest this export holds."""
     formats = info.get("formats") or {"paddle": {}}  # exports older than the ONNX backend hold the Paddle graph
@@ -74,39 +31,6 @@ def choose_engine(info: dict, backend: str = None, precision: str = None) -> tup
                           "export_generation_model.py")
     raise EngineError(f"this export holds no {wanted} graph (it holds {', '.join(sorted(formats))}); export it with "
                       f"export_generation_model.py ... {EXPORT_FLAGS[wanted]}".rstrip())
-
-
-def check_export_folder(model_path, model_prefix: str, generation: str, backend: str = "paddle",
-                        precision: str = "fp32", formats: dict = None) -> None:
-    """The graph, its weights and the tokenizer are all there before the engine is built."""
-    from glm_tune.deployment.onnx_export import onnx_file_name
-    from glm_tune.model_loading import check_tokenizer_file
-
-    base, data = Path(model_path) / model_prefix, None
-    if backend == "onnxruntime":
-        needed = [(onnx_file_name(model_prefix, None if precision == "fp32" else precision), "ONNX graph")]
-        # a graph past --onnx_inline_mb keeps its weights in a data file beside it
-        data = (formats or {}).get(FORMAT_OF[(backend, precision)], {}).get("data")
-        if data:
-            needed.append((data["file"], "weights of the ONNX graph"))
-    else:
-        needed = [(f"{model_prefix}.json", "graph"), (f"{model_prefix}.pdiparams", "weights")]
-    for name, what in needed:
-        if not (Path(model_path) / name).is_file():
-            raise EngineError(f"{Path(model_path) / name} (the exported {what}) is missing; export the model again "
-                              f"with export_generation_model.py --output_path {base}")
-    if data:
-        size = (Path(model_path) / data["file"]).stat().st_size
-        if size != data["bytes"]:
-            raise EngineError(f"{Path(model_path) / data['file']} holds {size} bytes, the export wrote "
-                              f"{data['bytes']}: it is truncated or from another export; export the model again "
-                              f"with export_generation_model.py --output_path {base}")
-    if not (Path(model_path) / "config.json").is_file():
-        raise EngineError(f"{model_path} has no config.json; export the model again")
-    try:
-        check_tokenizer_file(model_path, generation)
-    except GlmTuneError as err:
-        raise EngineError(f"{err} (or export the model again)") from None
 
 
 class PaddleInferenceEngine:
@@ -164,7 +88,6 @@ class OnnxRuntimeEngine:
         import onnxruntime as ort
 
         from glm_tune.console import verbose_requested
-        from glm_tune.deployment.onnx_export import onnx_file_name
 
         self.base = Path(model_path) / model_prefix
         path = Path(model_path) / onnx_file_name(model_prefix, None if precision == "fp32" else precision)

@@ -41,10 +41,6 @@ class OnnxExportError(GlmTuneError):
     """The step graph could not be written as ONNX; the message names the operator or the file."""
 
 
-def onnx_file_name(prefix: str, quantization: str = None) -> str:
-    return f"{prefix}.{quantization}.onnx" if quantization else f"{prefix}.onnx"
-
-
 # Run in a child process: on an operator it cannot convert, paddle2onnx's C++ converter aborts the process
 # (SIGABRT) without naming the operator.
 _CONVERT = """

@@ -15,21 +15,17 @@ Graph inputs (all int64 but the caches):
   cache_k_0, cache_v_0, …, cache_k_{L-1}, cache_v_{L-1}: the cache, C columns (C = 0 at prefill), one key and
                   one value per layer: [B, G, C, D] v2/v3;  [C, B, H, D] v1 (PaddleNLP's own layout)
 Graph outputs: next_logits [B, V] (last position), then each layer's new key and value (S columns, same layout).
-`StepFeeds` builds these inputs for both the engine and the dygraph reference, from the same DataCollator batch.
+`StepFeeds` (step_feeds.py, numpy only) builds these inputs for both the engine and the dygraph reference.
 """
 import types
-from typing import Dict
-
+from typing import NamedTuple
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from glm_tune.data.collator import DataCollator
 from glm_tune.errors import GlmTuneError
-from glm_tune.deployment.kv_cache import KVCache, widen
+from glm_tune.deployment.step_feeds import cache_names, cache_shape
 
-STEP_GRAPH_FORMAT = "glm-tune step graph v2"  # v2: the cache is an input only; the graph returns new columns
-TIME_AXIS = {"chatglm": 0, "chatglm2": 2, "chatglm3": 2}
 
 
 class GenerationStep(paddle.nn.Layer):
@@ -80,11 +76,12 @@ def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
     seen = paddle.concat([paddle.ones([steps, cached], dtype="bool"), causal], axis=-1)
     mask = seen.unsqueeze([0, 1]) & attention_mask.astype("bool").unsqueeze([1, 2])  # [B, 1, S, C+S]
     table = core.rotary_pos_emb(core.max_sequence_length)[position_ids].transpose([1, 0, 2, 3])  # [S, B, R, 2]
-    # the rotary factors and the cache length travel to every layer in the rotary argument: computed once, not
-    # once per layer (a length read per layer is ~8 more graph nodes each)
+    # the rotary factors and the cache length travel to every layer in the rotary argument (PaddleNLP's encoder
+    # passes nothing else through): computed once, not once per layer (a length read per layer is ~8 more graph
+    # nodes each)
     attention = core.encoder.layers[0].self_attention
     heads, groups = attention.num_attention_heads_per_partition, attention.num_multi_query_groups_per_partition
-    step = (*rotary_factors(table, attention.hidden_size_per_attention_head, heads + groups, groups), cached)
+    step = StepRotary(*rotary_factors(table, attention.hidden_size_per_attention_head, heads + groups, groups), cached)
     hidden, presents = core.encoder(hidden, mask, rotary_pos_emb=step, kv_caches=past, use_cache=True)[:2]
     return hidden, presents
 
@@ -118,9 +115,16 @@ def rotary_factors(table, dim: int, rotated: int, passed: int):
     return cos, sin, swap
 
 
-def apply_rotary(x, step):
-    cos, sin, swap = step[:3]
-    return x * cos + paddle.matmul(x, swap) * sin
+class StepRotary(NamedTuple):
+    """What `chatglm2_step` hands every layer in PaddleNLP's `rotary_pos_emb` argument."""
+    cos: object     # [S, B, heads, dim] (rotary_factors)
+    sin: object
+    swap: object    # [dim, dim]
+    cached: object  # the cache's length C: where the step's own columns start
+
+
+def apply_rotary(x, step: StepRotary):
+    return x * step.cos + paddle.matmul(x, step.swap) * step.sin
 
 
 def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache=None, use_cache=True,
@@ -136,7 +140,7 @@ def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache
     query, key, value = apply_rotary(fused, rotary_pos_emb).split([heads, groups, groups], axis=2)  # [S, B, n, D]
     key, value = key.transpose([1, 2, 0, 3]), value.transpose([1, 2, 0, 3])  # [B, G, S, D]
     past_key, past_value = kv_cache
-    cached = rotary_pos_emb[3]  # the cache's length, read once per step (chatglm2_step)
+    cached = rotary_pos_emb.cached
     # [B, groups, heads/groups * S, dim]: query head h belongs to group h // (heads / groups), as tile ordered them
     grouped = query.transpose([1, 2, 0, 3]).reshape([0, groups, -1, dim])
     scores = paddle.concat([paddle.matmul(grouped, past_key, transpose_y=True),
@@ -148,13 +152,6 @@ def lean_attention(self, hidden_states, attention_mask, rotary_pos_emb, kv_cache
     context = paddle.matmul(probs[:, :, :, :cached], past_value) + paddle.matmul(probs[:, :, :, cached:], value)
     context = context.reshape([0, heads, -1, dim]).transpose([2, 0, 1, 3]).reshape([0, 0, heads * dim])
     return self.dense(context), ((key, value) if use_cache else None)
-
-
-def cache_shape(config, generation: str):
-    """(layers, kv heads, head dim) of the cache."""
-    if generation == "chatglm":
-        return config.num_hidden_layers, config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.multi_query_group_num, config.kv_channels
 
 
 def input_specs(config, generation: str, dtype: str = "float32"):
@@ -171,60 +168,3 @@ def input_specs(config, generation: str, dtype: str = "float32"):
         cache = [None, heads, None, dim]
     return [InputSpec([None, None], "int64", "input_ids"), pos, mask,
             [InputSpec(cache, dtype, name) for name in cache_names(layers)]]
-
-
-def cache_names(layers: int, prefix: str = "cache") -> list:
-    """cache_k_0, cache_v_0, cache_k_1, …: the graph's cache inputs; with prefix "new", its outputs in the same
-    order."""
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
-
-
-class StepFeeds:
-    """Inputs of the step graph for a batch of prompts, advanced one token at a time (numpy, no framework).
-    After `prefill`, `cache` holds the batch's keys and values and `valid` [B, cache.length] marks its real
-    columns; `advance` writes a step's new columns into the cache and returns the next step's inputs."""
-
-    def __init__(self, tokenizer, generation: str, config, dtype: str = "float32"):
-        self.collator = DataCollator(tokenizer, generation)
-        self.generation = generation
-        self.layers, self.heads, self.dim = cache_shape(config, generation)
-        self.dtype = dtype
-        self.time_axis = TIME_AXIS[generation]
-        self.cache_names = cache_names(self.layers)
-
-    def prefill(self, prompts) -> Dict[str, np.ndarray]:
-        batch = self.collator([{"input_ids": p} for p in prompts])
-        self.cache = KVCache.empty(self.layers, len(prompts), self.heads, self.dim, self.dtype, self.time_axis)
-        feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                 "attention_mask": batch["attention_mask"], **dict(zip(self.cache_names, self.cache.buffers))}
-        # Columns each row may attend to: its real tokens (v1's last prompt row sees exactly those).
-        self.valid = batch["attention_mask"] if self.generation != "chatglm" else batch["attention_mask"][:, 0, -1, :]
-        return feeds
-
-    def advance(self, feeds, next_tokens: np.ndarray, new_columns) -> Dict[str, np.ndarray]:
-        """The next step's inputs: the chosen tokens, and the cache with the new columns the last step returned
-        (in graph order) written in."""
-        self.valid = append_step(self.cache, self.valid, new_columns)
-        return self.next_feeds(self.valid, feeds["position_ids"][..., -1:], next_tokens, self.cache)
-
-    def next_feeds(self, valid: np.ndarray, last_positions: np.ndarray, next_tokens: np.ndarray,
-                   cache: KVCache) -> Dict[str, np.ndarray]:
-        """Inputs of a one-token step for rows whose cache columns are `valid` [B, cache.length] and whose last
-        positions were `last_positions` ([B, 1], or [B, 2, 1] for v1)."""
-        size = len(next_tokens)
-        columns = np.concatenate([widen(valid, cache.capacity), np.ones((size, 1), dtype=valid.dtype)], axis=1)
-        if self.generation == "chatglm":
-            position = last_positions.copy()
-            position[:, 1] += 1  # the absolute position stays at [gMASK]; the block position counts on
-            mask = columns[:, None, None, :]
-        else:
-            position, mask = last_positions + 1, columns
-        return {"input_ids": np.asarray(next_tokens).reshape(size, 1).astype("int64"), "position_ids": position,
-                "attention_mask": mask, **dict(zip(self.cache_names, cache.buffers))}
-
-
-def append_step(cache: KVCache, valid: np.ndarray, new_columns) -> np.ndarray:
-    """Write a step's new keys and values into `cache`; the mask of real columns grows with them (a decode
-    step's token is real; a prefill's columns were marked by its prompt mask already)."""
-    cache.append(new_columns)
-    return widen(valid, cache.length, fill=1)

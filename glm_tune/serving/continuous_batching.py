@@ -19,7 +19,7 @@ import numpy as np
 
 from glm_tune.deployment.kv_cache import KVCache, widen
 from glm_tune.sampling import Sampling, choose_next, penalize
-from glm_tune.deployment.step_model import append_step
+from glm_tune.deployment.step_feeds import append_step
 
 logger = logging.getLogger(__name__)
 
