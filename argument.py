@@ -18,11 +18,16 @@ class ArgumentError(GlmTuneError):
     """A flag value no command can use; the message names the flag and the accepted values."""
 
 
+def build_parser(groups) -> PdArgumentParser:
+    """The parser of a command's argument dataclasses, with --verbose (ConsoleArgument) added."""
+    return PdArgumentParser((*groups, ConsoleArgument))
+
+
 def parse_dataclasses(groups, argv=None):
     """Parse argv (or one JSON config file) into the argument dataclasses `groups`; a value a dataclass
     refuses becomes an ArgumentError naming the flag instead of a traceback. Every script also takes
     --verbose (ConsoleArgument), which console.py reads from the command line before paddle loads."""
-    parser = PdArgumentParser((*groups, ConsoleArgument))
+    parser = build_parser(groups)
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):

@@ -56,9 +56,13 @@ class ExportArgument:
                      "the ONNX export runs on CPU in float32: pass --onnx False with --dtype float16/bfloat16")
 
 
+# The flags this command takes, in --help's order (tools/flag_reference.py documents them in docs/flags.md).
+ARGUMENT_GROUPS = (ModelArgument, LengthArgument, ExportArgument)
+
+
 def main(argv=None) -> Path:
     console.setup_logging(console.verbose_requested(argv))  # before parsing: PaddleNLP logs while it parses
-    model_args, data_args, export_args = parse_dataclasses((ModelArgument, LengthArgument, ExportArgument), argv)
+    model_args, data_args, export_args = parse_dataclasses(ARGUMENT_GROUPS, argv)
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     return export(list(load_for_export(model_args, export_args.dtype)), target, export_args.dtype, data_args,
                   export_args.overwrite, export_args.onnx, export_args.quantizations,

@@ -38,8 +38,12 @@ from glm_tune.training.run_checkpoints import (COMMAND, check_resumable, checkpo
 logger = logging.getLogger("finetune_generation")
 
 
+# The flags this command takes, in --help's order (tools/flag_reference.py documents them in docs/flags.md).
+ARGUMENT_GROUPS = (TrainModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments)
+
+
 def parse_arguments(argv=None):
-    return parse_dataclasses((TrainModelArgument, DataArgument, GenerateArgument, GLMTrainingArguments), argv)
+    return parse_dataclasses(ARGUMENT_GROUPS, argv)
 
 
 def validate(model_args, data_args, training_args) -> tuple:

@@ -136,8 +136,12 @@ def chat_with_tools(predictor, tools, stdin=None, stdout=sys.stdout) -> None:
     return None
 
 
+# The flags this command takes, in --help's order (tools/flag_reference.py documents them in docs/flags.md).
+ARGUMENT_GROUPS = (InferArgument, GenerateArgument, PredictArgument)
+
+
 def parse_arguments(argv=None):
-    return parse_dataclasses((InferArgument, GenerateArgument, PredictArgument), argv)
+    return parse_dataclasses(ARGUMENT_GROUPS, argv)
 
 
 def main(argv=None):

@@ -26,8 +26,12 @@ from glm_tune.conversion.tp_merge import MERGE_COMMAND, merge_tp_shards
 logger = logging.getLogger("predict_generation")
 
 
+# The flags this command takes, in --help's order (tools/flag_reference.py documents them in docs/flags.md).
+ARGUMENT_GROUPS = (ModelArgument, LengthArgument, GenerateArgument, DygraphPredictArgument)
+
+
 def parse_arguments(argv=None):
-    return parse_dataclasses((ModelArgument, LengthArgument, GenerateArgument, DygraphPredictArgument), argv)
+    return parse_dataclasses(ARGUMENT_GROUPS, argv)
 
 
 def check_outputs(model_args, predict_args) -> None:

@@ -127,8 +127,12 @@ def warn_if_open(serve_args) -> None:
                        serve_args.host)
 
 
+# The flags this command takes, in --help's order (tools/flag_reference.py documents them in docs/flags.md).
+ARGUMENT_GROUPS = (EngineArgument, GenerateArgument, ServeArgument)
+
+
 def parse_arguments(argv=None):
-    return parse_dataclasses((EngineArgument, GenerateArgument, ServeArgument), argv)
+    return parse_dataclasses(ARGUMENT_GROUPS, argv)
 
 
 def main(argv=None):
