@@ -57,7 +57,8 @@ def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     return StepEnginePredictor(
         model.engine, model.feeds, model.tokenizer, model.generation,
         src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,
-        sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed)
+        sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed, speculative=infer_args.speculative,
+        prefix_cache_mb=infer_args.prefix_cache_mb)
 
 
 def read_tools(path) -> list:
@@ -160,7 +161,7 @@ def main(argv=None):
         return None
     outputs = predictor.predict(examples)
     report_predictions(examples, outputs, predict_args.output_file)
-    logger.info("engine speed: %s", predictor.speed.summary())
+    logger.info("engine speed: %s", predictor.speed_summary())
     return outputs
 
 

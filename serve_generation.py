@@ -73,7 +73,8 @@ def build_app(engine_args, gen_args, serve_args):
     """Open the export, start the scheduler and return (FastAPI app, scheduler)."""
     from glm_tune.serving.app import ServedModel, create_app
     from glm_tune.sampling import Sampling
-    from glm_tune.serving.continuous_batching import Scheduler
+    from glm_tune.deployment.continuous_batching import Scheduler
+    from glm_tune.deployment.prefix_cache import PrefixCache
     from glm_tune.serving.openai_protocol import Limits
 
     model = open_export(engine_args)
@@ -83,8 +84,10 @@ def build_app(engine_args, gen_args, serve_args):
                     default_max_tokens=serve_args.default_max_tokens or model.info["defaults"]["max_new_tokens"],
                     context_length=context)
     sampling = Sampling.from_arguments(gen_args)
+    prefix_cache = PrefixCache(engine_args.prefix_cache_mb * 2 ** 20) if engine_args.prefix_cache_mb else None
     scheduler = Scheduler(model.engine, model.feeds, stop_token_ids(model.tokenizer, model.generation),
-                          max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting).start()
+                          max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting,
+                          speculative=engine_args.speculative, prefix_cache=prefix_cache).start()
     names = comma_list(serve_args.served_model_name) or [Path(engine_args.model_path).resolve().name]
     served = ServedModel(names[0], model.generation, model.tokenizer,
                          get_prompt_format(model.generation, model.tokenizer), scheduler, limits, sampling,

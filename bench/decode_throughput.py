@@ -67,7 +67,7 @@ def greedy_engine(engine, feeds_builder, prompts, new_tokens):
         logits, *caches = engine(feeds)
         if first is None:
             first = time.perf_counter() - started
-        feeds = feeds_builder.advance(feeds, logits.argmax(-1), caches)
+        feeds = feeds_builder.advance(feeds, logits[:, -1].argmax(-1), caches)
     return first, time.perf_counter() - started - first
 
 

@@ -87,7 +87,7 @@ def quantized_logits(export: Path) -> dict:
     logits = {}
     for precision in ("fp32", "int8", "int4"):
         engine = create_engine("onnxruntime", export, "chatglm", 2, precision)
-        logits[precision] = np.concatenate([engine(feeds.prefill([fmt.prompt_ids(p, [], 64)]))[0] for p in PROMPTS])
+        logits[precision] = np.concatenate([engine(feeds.prefill([fmt.prompt_ids(p, [], 64)]))[0][:, -1] for p in PROMPTS])
         del engine
     return {p: {"max_abs_diff": float(np.abs(logits[p] - logits["fp32"]).max()),
                 "argmax_agrees": int((logits[p].argmax(-1) == logits["fp32"].argmax(-1)).sum()),

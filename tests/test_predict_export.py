@@ -265,7 +265,7 @@ def test_step_graph_reads_the_cache_where_it_lies(model_type, exported, tmp_path
     valid = append_step(feeds.cache, feeds.valid, new)
     exact = KVCache([b[:, :, :feeds.cache.length] for b in feeds.cache.buffers], feeds.cache.length, 2)
     assert feeds.cache.capacity > exact.capacity  # the first has an unused, masked tail
-    steps = [engine(feeds.next_feeds(valid, prefill["position_ids"][..., -1:], logits.argmax(-1), cache))
+    steps = [engine(feeds.next_feeds(valid, prefill["position_ids"][..., -1:], logits[:, -1].argmax(-1), cache))
              for cache in (feeds.cache, exact)]
     assert all(column.shape[2] == 1 for column in steps[0][1:])
     np.testing.assert_allclose(steps[0][0], steps[1][0], rtol=1e-5, atol=1e-5)

@@ -163,7 +163,7 @@ def test_frequency_and_presence_penalties_lower_the_answers_own_tokens(tiny_toke
     import numpy as np
 
     from glm_tune.sampling import Sampling
-    from glm_tune.serving.continuous_batching import Request, Scheduler
+    from glm_tune.deployment.continuous_batching import Request, Scheduler
     from glm_tune.serving.openai_protocol import Limits, parse_chat_request
 
     fmt = get_prompt_format("chatglm3", tiny_tokenizer("chatglm3"))
@@ -196,7 +196,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_head_health_is_answered(t
 
     from glm_tune.serving.app import ServedModel, create_app
     from glm_tune.sampling import Sampling
-    from glm_tune.serving.continuous_batching import Scheduler
+    from glm_tune.deployment.continuous_batching import Scheduler
     from glm_tune.serving.openai_protocol import Limits
 
     tok = tiny_tokenizer("chatglm3")
@@ -393,6 +393,7 @@ class ScriptedScheduler:
 
     def __init__(self, ids):
         self.ids, self.running, self.stats = ids, 0, {}
+        self.summary = dict
         self.waiting = SimpleNamespace(qsize=lambda: 0)
 
     def submit(self, row):
@@ -461,7 +462,7 @@ def engine_predictor(export_dir, **extra):
 def test_rows_joining_and_leaving_the_batch_answer_as_they_do_alone(model_type, exported, demo_data):
     """Requests arrive while others decode, one is cancelled mid-way: every greedy answer equals its one-by-one
     answer through infer_generation's predictor."""
-    from glm_tune.serving.continuous_batching import Request, Scheduler
+    from glm_tune.deployment.continuous_batching import Request, Scheduler
 
     predictor = engine_predictor(exported(model_type))
     examples = varied_prompts(demo_data, 12)

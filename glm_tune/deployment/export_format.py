@@ -16,7 +16,10 @@ from pathlib import Path
 from glm_tune.deployment.step_feeds import TIME_AXIS, cache_names, cache_shape
 from glm_tune.errors import GlmTuneError, one_line
 
-STEP_GRAPH_FORMAT = "glm-tune step graph v2"  # v2: the cache is an input only; the graph returns new columns
+STEP_GRAPH_FORMAT = "glm-tune step graph v3"
+EARLIER_FORMATS = {"glm-tune step graph v1": "it returned the whole cache at every step",
+                   "glm-tune step graph v2": "it returned the last position's logits only, so no speculative step "
+                                             "can be verified"}
 
 
 def description_name(prefix: str) -> str:
@@ -41,8 +44,8 @@ def describe(generation: str, config, tokenizer, dtype: str, defaults, formats: 
         "formats": formats,
         "generation": generation,
         "dtype": dtype,
-        "inputs": ["input_ids", "position_ids", "attention_mask"] + cache_names(layers),
-        "outputs": ["next_logits"] + cache_names(layers, "new"),
+        "inputs": ["input_ids", "position_ids", "attention_mask", "num_logits"] + cache_names(layers),
+        "outputs": ["logits"] + cache_names(layers, "new"),
         "cache": {"layers": layers, "kv_heads": heads, "head_dim": dim, "time_axis": TIME_AXIS[generation],
                   "layout": "one key and one value per layer, each " + (
                       "[columns, batch, heads, dim]" if TIME_AXIS[generation] == 0 else "[batch, heads, columns, dim]"),
@@ -85,8 +88,9 @@ def read_description(model_path, model_prefix: str) -> dict:
     if missing:
         raise EngineError(f"{path} lacks {', '.join(missing)}; export the model again")
     if info.get("format") != STEP_GRAPH_FORMAT:
+        why = EARLIER_FORMATS.get(info.get("format"), "a format this version does not know")
         raise EngineError(f"{path} describes a step graph from an earlier glm-tune ({info.get('format')!r}, not "
-                          f"{STEP_GRAPH_FORMAT!r}: it returned the whole cache at every step); export the model again")
+                          f"{STEP_GRAPH_FORMAT!r}: {why}); export the model again")
     return info
 
 

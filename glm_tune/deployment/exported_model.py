@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExportedModel:
-    engine: object      # feeds -> (next_logits, *caches)
+    engine: object      # feeds -> (logits [B, K, V], *caches)
     feeds: StepFeeds
     tokenizer: object
     config: object

@@ -105,7 +105,7 @@ class OnnxRuntimeEngine:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feeds):
-        """(next_logits, *the step's new keys and values) as numpy. onnxruntime reads contiguous numpy inputs
+        """(logits [B, K, V], *the step's new keys and values) as numpy. onnxruntime reads contiguous numpy inputs
         where they lie, so the host's cache buffers are not copied at a step."""
         try:
             return tuple(self.session.run(self.outputs, {name: feeds[name] for name in self.names}))

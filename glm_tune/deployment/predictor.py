@@ -2,16 +2,17 @@
 `predict(examples) = _postprocess(_infer(_preprocess(examples)))`; the two differ only in `_infer`."""
 import json
 import logging
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import List
 
-import numpy as np
-
 from glm_tune.data.examples import Example
 from glm_tune.data.prompt_formats import cut_summary, get_prompt_format
+from glm_tune.deployment.continuous_batching import Request, Scheduler
+from glm_tune.deployment.export_format import EngineError
+from glm_tune.deployment.prefix_cache import PrefixCache
 from glm_tune.generation import cut_at_stop, decode_answer, generate_ids, stop_token_ids
-from glm_tune.sampling import Sampling, choose_next
+from glm_tune.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -65,61 +66,50 @@ class DygraphPredictor(BasePredictor):
 
 
 class StepEnginePredictor(BasePredictor):
-    """Runs an exported step graph (see step_model.py) one token at a time with its KV cache.
-    `run(feeds) -> (next_logits, *caches)` is the engine: Paddle Inference, FastDeploy or ONNX Runtime."""
+    """Runs an exported step graph with its KV cache on the server's scheduler (continuous_batching.py), driven on
+    the calling thread: up to `batch_size` prompts decode together, a finished one's place goes to the next, and
+    speculative steps and the prefix cache work as they do when serving.
+    `run(feeds) -> (logits [B, K, V], *caches)` is the engine: Paddle Inference, FastDeploy or ONNX Runtime."""
 
-    def __init__(self, run, feeds, tokenizer, generation, **kwargs):
+    def __init__(self, run, feeds, tokenizer, generation, speculative: int = 0, prefix_cache_mb: int = 0,
+                 **kwargs):
         super().__init__(tokenizer, generation, **kwargs)
         self.run, self.feeds = run, feeds
         self.stops = stop_token_ids(tokenizer, generation)
-        self.speed = EngineSpeed()
+        prefix_cache = PrefixCache(prefix_cache_mb * 2 ** 20) if prefix_cache_mb else None
+        self.scheduler = Scheduler(run, feeds, self.stops, max_batch=self.batch_size, max_waiting=2 ** 62,
+                                   speculative=speculative, prefix_cache=prefix_cache)
+        self.prompts_seen = 0
 
     def _infer(self, prompts):
-        results = []
-        rng = np.random.RandomState(self.seed)
-        for start in range(0, len(prompts), self.batch_size):
-            results += self._generate(prompts[start:start + self.batch_size], rng)
-        return results
+        failures = []
+        requests = []
+        for prompt in prompts:
+            # one seed per prompt, counted over the run: a sampled answer does not depend on its batch-mates
+            sampling = replace(self.sampling, seed=self.seed + self.prompts_seen)
+            self.prompts_seen += 1
+            requests.append(Request(list(prompt), self.max_new_tokens, on_token=lambda token: None,
+                                    on_finish=lambda reason: None, on_error=failures.append, sampling=sampling))
+            self.scheduler.submit(requests[-1])
+        self.scheduler.run_until_idle()
+        if failures:
+            raise EngineError(failures[0])
+        return [cut_at_stop(r.tokens, self.stops) for r in requests]
 
-    def _generate(self, prompts, rng):
-        feeds = self.feeds.prefill(prompts)
-        tokens = [[] for _ in prompts]
-        done = np.zeros(len(prompts), dtype=bool)
-        for step in range(self.max_new_tokens):
-            started = time.perf_counter()
-            logits, *caches = self.run(feeds)
-            self.speed.add(step, time.perf_counter() - started, int((~done).sum()))
-            chosen = choose_next(logits, rng, self.sampling)
-            for row, token in enumerate(chosen):
-                if not done[row]:
-                    tokens[row].append(int(token))
-                    done[row] = int(token) in self.stops
-            if done.all():
-                break
-            feeds = self.feeds.advance(feeds, chosen, caches)
-        return [cut_at_stop(row, self.stops) for row in tokens]
-
-
-class EngineSpeed:
-    """First-token latency (the prefill calls) and decode throughput (every later call, tokens of unfinished
-    rows only) of an engine, summed over batches."""
-
-    def __init__(self):
-        self.prefill_seconds = self.decode_seconds = 0.0
-        self.prefills = self.decode_tokens = 0
-
-    def add(self, step: int, seconds: float, rows: int) -> None:
-        if step == 0:
-            self.prefill_seconds += seconds
-            self.prefills += 1
-        else:
-            self.decode_seconds += seconds
-            self.decode_tokens += rows
-
-    def summary(self) -> str:
-        first = 1000 * self.prefill_seconds / max(self.prefills, 1)
-        rate = self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-        return f"first token {first:.1f} ms per batch, decode {rate:.0f} tok/s ({self.decode_tokens} tokens)"
+    def speed_summary(self) -> str:
+        """First-token latency (the prefill calls) and decode throughput (every later call), and what the
+        speculative steps and the prefix cache did."""
+        stats = self.scheduler.summary()
+        first = 1000 * stats["prefill_seconds"] / max(stats["prefill_calls"], 1)
+        rate = stats["decode_tokens"] / stats["decode_seconds"] if stats["decode_seconds"] else 0.0
+        line = (f"first token {first:.1f} ms per prefill call, decode {rate:.0f} tok/s ({stats['decode_tokens']} "
+                f"tokens in {stats['decode_calls']} calls)")
+        if stats["drafted"]:
+            line += f"; speculative: {stats['accepted']} of {stats['drafted']} drafts kept"
+        if "prefix_cache" in stats:
+            cache = stats["prefix_cache"]
+            line += f"; prefix cache: {cache['hits']} hits, {cache['tokens_reused']} prompt tokens reused"
+        return line
 
 
 def report_predictions(examples: List[Example], outputs: List[str], output_file=None) -> None:

@@ -11,6 +11,7 @@ from glm_tune.deployment.kv_cache import KVCache, widen
 # The cache's time axis per generation: PaddleNLP's ChatGLM-6B keeps [columns, batch, heads, dim], ChatGLM2/3 the
 # step graph's [batch, groups, columns, dim].
 TIME_AXIS = {"chatglm": 0, "chatglm2": 2, "chatglm3": 2}
+ONE = np.ones(1, dtype="int64")  # num_logits of a plain step: the last position's logits only
 
 
 def cache_shape(config, generation: str):
@@ -43,7 +44,8 @@ class StepFeeds:
         batch = self.collator([{"input_ids": p} for p in prompts])
         self.cache = KVCache.empty(self.layers, len(prompts), self.heads, self.dim, self.dtype, self.time_axis)
         feeds = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                 "attention_mask": batch["attention_mask"], **dict(zip(self.cache_names, self.cache.buffers))}
+                 "attention_mask": batch["attention_mask"], "num_logits": ONE,
+                 **dict(zip(self.cache_names, self.cache.buffers))}
         # Columns each row may attend to: its real tokens (v1's last prompt row sees exactly those).
         self.valid = batch["attention_mask"] if self.generation != "chatglm" else batch["attention_mask"][:, 0, -1, :]
         return feeds
@@ -58,16 +60,29 @@ class StepFeeds:
                    cache: KVCache) -> Dict[str, np.ndarray]:
         """Inputs of a one-token step for rows whose cache columns are `valid` [B, cache.length] and whose last
         positions were `last_positions` ([B, 1], or [B, 2, 1] for v1)."""
-        size = len(next_tokens)
-        columns = np.concatenate([widen(valid, cache.capacity), np.ones((size, 1), dtype=valid.dtype)], axis=1)
+        tokens = np.asarray(next_tokens).reshape(len(next_tokens), 1).astype("int64")
+        return self.extend_feeds(valid, last_positions, tokens, np.ones(tokens.shape, dtype=valid.dtype), cache)
+
+    def extend_feeds(self, valid: np.ndarray, last_positions: np.ndarray, tokens: np.ndarray, real: np.ndarray,
+                     cache: KVCache, num_logits: int = 1) -> Dict[str, np.ndarray]:
+        """Inputs of a step over T tokens per row on top of `cache` (a speculative step's drafts, or the new end of
+        a prompt whose beginning came from the prefix cache). `tokens` [B, T] are left-padded: `real` [B, T] marks
+        each row's real ones, which continue from `last_positions` one position each and see one another
+        causally; logits come back for the last `num_logits` positions."""
+        size, steps = tokens.shape
+        real = real.astype(valid.dtype)
+        columns = np.concatenate([widen(valid, cache.capacity), real], axis=1)
+        advance = np.cumsum(real, axis=1).astype("int64")  # a padding slot repeats its row's last position
         if self.generation == "chatglm":
-            position = last_positions.copy()
-            position[:, 1] += 1  # the absolute position stays at [gMASK]; the block position counts on
-            mask = columns[:, None, None, :]
+            position = np.repeat(last_positions, steps, axis=2)
+            position[:, 1] += advance  # the absolute position stays at [gMASK]; the block position counts on
+            # may attend: the cache's real columns, and the step's real tokens up to the query's own
+            causal = np.tril(np.ones((steps, steps), dtype=valid.dtype))[None] * real[:, None, :]
+            mask = np.concatenate([np.repeat(columns[:, None, :-steps], steps, axis=1), causal], axis=2)[:, None]
         else:
-            position, mask = last_positions + 1, columns
-        return {"input_ids": np.asarray(next_tokens).reshape(size, 1).astype("int64"), "position_ids": position,
-                "attention_mask": mask, **dict(zip(self.cache_names, cache.buffers))}
+            position, mask = last_positions + advance, columns
+        return {"input_ids": tokens.astype("int64"), "position_ids": position, "attention_mask": mask,
+                "num_logits": np.full(1, num_logits, dtype="int64"), **dict(zip(self.cache_names, cache.buffers))}
 
 
 def append_step(cache: KVCache, valid: np.ndarray, new_columns) -> np.ndarray:

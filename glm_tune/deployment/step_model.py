@@ -12,9 +12,12 @@ Graph inputs (all int64 but the caches):
   position_ids    [B, S]        v2/v3;  [B, 2, S] v1 (absolute, block)
   attention_mask  [B, C+S]      v2/v3 (1 = a real token);  [B, 1, S, C+S] v1 (1 = may attend)
                   the first C columns are the cache's (its unused tail masked), the last S the step's tokens
+  num_logits      [1]           K: logits are returned for the last K positions (1 to decode and prefill; 1 + the
+                                drafts to verify a speculative step)
   cache_k_0, cache_v_0, …, cache_k_{L-1}, cache_v_{L-1}: the cache, C columns (C = 0 at prefill), one key and
                   one value per layer: [B, G, C, D] v2/v3;  [C, B, H, D] v1 (PaddleNLP's own layout)
-Graph outputs: next_logits [B, V] (last position), then each layer's new key and value (S columns, same layout).
+Graph outputs: logits [B, K, V] (the last K positions), then each layer's new key and value (S columns, same
+layout).
 `StepFeeds` (step_feeds.py, numpy only) builds these inputs for both the engine and the dygraph reference.
 """
 import types
@@ -50,7 +53,7 @@ class GenerationStep(paddle.nn.Layer):
                                      for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
                     norm.forward = types.MethodType(fusable_rms_norm, norm)
 
-    def forward(self, input_ids, position_ids, attention_mask, caches):
+    def forward(self, input_ids, position_ids, attention_mask, num_logits, caches):
         past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.num_layers)]
         if self.generation == "chatglm":
             logits, rest = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -58,12 +61,13 @@ class GenerationStep(paddle.nn.Layer):
             # PaddleNLP's ChatGLM-6B attention returns past + new; the host keeps the past already
             start = caches[0].shape[0]
             new = [tensor[start:] for present in rest[0] for tensor in present[:2]]
-            return (logits[:, -1, :].astype("float32"), *new)
+            return (paddle.slice(logits, axes=[1], starts=-num_logits, ends=[2 ** 31 - 1]).astype("float32"), *new)
         hidden, presents = chatglm2_step(self.model.chatglm_v2, input_ids, position_ids, attention_mask, past)
-        # the vocabulary projection for the last position only (S x 65024 x hidden at prefill otherwise);
-        # hidden states are [S, B, H], the output layer returns [B, S', V]
-        next_logits = self.model.chatglm_v2.output_layer(hidden[-1:])[:, 0, :].astype("float32")
-        return (next_logits, *[tensor for present in presents for tensor in present])
+        # the vocabulary projection for the last K positions only (S x 65024 x hidden at prefill otherwise);
+        # hidden states are [S, B, H], the output layer returns [B, K, V]
+        last = paddle.slice(hidden, axes=[0], starts=-num_logits, ends=[2 ** 31 - 1])
+        logits = self.model.chatglm_v2.output_layer(last).astype("float32")
+        return (logits, *[tensor for present in presents for tensor in present])
 
 
 def chatglm2_step(core, input_ids, position_ids, attention_mask, past):
@@ -166,5 +170,5 @@ def input_specs(config, generation: str, dtype: str = "float32"):
         pos, mask = InputSpec([None, None], "int64", "position_ids"), InputSpec([None, None], "int64",
                                                                                 "attention_mask")
         cache = [None, heads, None, dim]
-    return [InputSpec([None, None], "int64", "input_ids"), pos, mask,
+    return [InputSpec([None, None], "int64", "input_ids"), pos, mask, InputSpec([1], "int64", "num_logits"),
             [InputSpec(cache, dtype, name) for name in cache_names(layers)]]

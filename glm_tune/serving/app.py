@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm_tune.serving.answer_text import AnswerText
 from glm_tune.sampling import Sampling
-from glm_tune.serving.continuous_batching import Request, Scheduler, ServerBusy
+from glm_tune.deployment.continuous_batching import Request, Scheduler, ServerBusy
 from glm_tune.serving.openai_protocol import ApiError, Completion, Limits, check_model, parse_chat_request, usage
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def create_app(model: ServedModel, api_key: Optional[str] = None, max_body_bytes
         authorize(http)
         scheduler = model.scheduler
         return {"status": "ok", "model": model.name, "running": scheduler.running,
-                "waiting": scheduler.waiting.qsize(), **scheduler.stats}
+                "waiting": scheduler.waiting.qsize(), **scheduler.summary()}
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
