@@ -116,7 +116,7 @@ def run_peer(model: Path, prompts, args) -> dict:
     hf, ggml = args.work_dir / f"{args.model}-hf", args.work_dir / f"{args.model}-ggml"
     if not (hf / "config.json").is_file():
         run_python(["tools/convert_checkpoint.py", "--input_dir", model, "--output_dir", hf, "--to", "hf",
-                    "--overwrite", "True"])
+                    "--overwrite"])
     env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
     if not Path(f"{ggml}-q4_0.bin").is_file():
         run_python([peer_tools / "to_ggml.py", hf, ggml], env)

@@ -28,7 +28,7 @@ import numpy as np
 
 from glm_tune.deployment.kv_cache import KVCache, widen
 from glm_tune.deployment.prefix_cache import CACHEABLE, PrefixCache
-from glm_tune.deployment.prompt_lookup import accept_greedy, propose_drafts
+from glm_tune.deployment.prompt_lookup import PromptLookup, accept_greedy
 from glm_tune.deployment.step_feeds import append_step
 from glm_tune.sampling import Sampling, choose_next, penalize
 
@@ -49,6 +49,7 @@ class Request:
     tokens: List[int] = field(default_factory=list)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    lookup: Optional[PromptLookup] = field(default=None, repr=False)  # made at the first speculative step
 
     def __post_init__(self):
         self.rng = np.random.RandomState(self.sampling.seed if self.sampling.seed is not None else
@@ -232,7 +233,10 @@ class Scheduler:
                     or request.cancelled):
                 drafts.append([])
             else:
-                drafts.append(propose_drafts(request.prompt_ids + request.tokens, min(self.speculative, room)))
+                if request.lookup is None:
+                    request.lookup = PromptLookup(request.prompt_ids)
+                request.lookup.extend(request.tokens[len(request.lookup.sequence) - len(request.prompt_ids):])
+                drafts.append(request.lookup.propose(min(self.speculative, room)))
         return drafts
 
     def _decode(self) -> None:
@@ -274,6 +278,8 @@ class Scheduler:
             valid[row, first + steps - fed:first + steps - fed + 1 + kept] = 1  # the fed token and the kept drafts
             self.stats["drafted"] += len(row_drafts)
             self.stats["accepted"] += kept
+            if row_drafts:
+                batch.requests[row].lookup.verified(len(row_drafts), kept)
             emitted.append(row_drafts[:kept] + [token])
         batch.positions = batch.positions.copy()
         if self.feeds.generation == "chatglm":
