@@ -186,10 +186,6 @@ class DygraphPredictArgument(PredictArgument):
                 "single-shard checkpoint (weights, config, tokenizer) to this folder."})
 
 
-# Measured on the demo model and the mid model (bench/speculative.py, bench/RESULTS.md).
-SPECULATIVE_DEFAULT = 4
-
-
 @dataclass
 class EngineArgument:
     """Which exported model runs on which engine (infer_generation.py and serve_generation.py)."""
@@ -202,18 +198,23 @@ class EngineArgument:
         "help": "fp32, int8 or int4 (the last two: onnxruntime on a --quantize export); default: the fastest the "
                 "export holds for the backend."})
     threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
-    speculative: int = field(default=SPECULATIVE_DEFAULT, metadata={
+    speculative: Optional[int] = field(default=None, metadata={
         "help": "Draft tokens per speculative step (prompt lookup: the tokens that followed the answer's latest "
-                "n-gram earlier in prompt + answer, verified in one engine call). Greedy answers stay token for "
-                "token what plain decoding gives; sampled and penalized rows do not speculate. 0: off."})
-    prefix_cache_mb: int = field(default=256, metadata={
+                "n-gram earlier in prompt + answer, verified in one engine call); sampled and penalized rows do not "
+                "speculate. Default: 4 on fp32 engines (greedy answers token for token the plain ones), 0 (off) on "
+                "int8 / int4, whose weight-only kernels give a step over several tokens logits that differ at the "
+                "quantization-noise level, so a near-tied greedy choice can differ."})
+    prefix_cache_mb: Optional[int] = field(default=None, metadata={
         "help": "MiB of keys and values kept from earlier requests by their token prefix (blocks of 16 tokens, "
                 "least recently used out first): a prompt that starts like an earlier one (the next turn of a "
-                "conversation, the same tools system message) prefills only its new end. ChatGLM2/3; 0: off."})
+                "conversation, the same tools system message) prefills only its new end. ChatGLM2/3. Default: 256 "
+                "on fp32 engines, 0 (off) on int8 / int4 (same reason as --speculative); 0: off."})
 
     def __post_init__(self):
-        require_flag(0 <= self.speculative <= 32, f"--speculative {self.speculative}: choose 0 (off) to 32")
-        require_flag(self.prefix_cache_mb >= 0, f"--prefix_cache_mb {self.prefix_cache_mb} must be 0 (off) or more")
+        require_flag(self.speculative is None or 0 <= self.speculative <= 32,
+                     f"--speculative {self.speculative}: choose 0 (off) to 32")
+        require_flag(self.prefix_cache_mb is None or self.prefix_cache_mb >= 0,
+                     f"--prefix_cache_mb {self.prefix_cache_mb} must be 0 (off) or more")
         cores = max(len(os.sched_getaffinity(0)), 2)  # the default of 2 stays valid on one core
         # More threads than cores only adds switching (10,000 made one token take seconds), so it is refused.
         require_flag(1 <= self.threads <= cores,

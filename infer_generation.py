@@ -18,7 +18,7 @@ from typing import Optional
 from argument import EngineArgument, GenerateArgument, PredictArgument, parse_dataclasses, require_flag
 from data import ChatTurn, DataFormatError, Example, parse_tool_call, tool_call_turn, tools_system_text
 from glm_tune.errors import one_line, run_cli
-from glm_tune.deployment.exported_model import open_export
+from glm_tune.deployment.exported_model import open_export, step_settings
 from glm_tune.sampling import Sampling
 from glm_tune.deployment.predictor import (StepEnginePredictor, check_predictions_target, load_prompts,
                                            report_predictions)
@@ -57,8 +57,8 @@ def build_predictor(infer_args, gen_args, predict_args) -> StepEnginePredictor:
     return StepEnginePredictor(
         model.engine, model.feeds, model.tokenizer, model.generation,
         src_length=src_length, max_new_tokens=max_new_tokens, batch_size=predict_args.batch_size,
-        sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed, speculative=infer_args.speculative,
-        prefix_cache_mb=infer_args.prefix_cache_mb)
+        sampling=Sampling.from_arguments(gen_args), seed=predict_args.seed,
+        **dict(zip(("speculative", "prefix_cache_mb"), step_settings(infer_args, model.precision))))
 
 
 def read_tools(path) -> list:

@@ -24,7 +24,7 @@ from typing import Optional
 from argument import (ArgumentError, EngineArgument, GenerateArgument, comma_list, parse_dataclasses,
                       require_flag)
 from data import get_prompt_format
-from glm_tune.deployment.exported_model import open_export
+from glm_tune.deployment.exported_model import open_export, step_settings
 from glm_tune.errors import run_cli
 from glm_tune.generation import stop_token_ids
 
@@ -84,10 +84,11 @@ def build_app(engine_args, gen_args, serve_args):
                     default_max_tokens=serve_args.default_max_tokens or model.info["defaults"]["max_new_tokens"],
                     context_length=context)
     sampling = Sampling.from_arguments(gen_args)
-    prefix_cache = PrefixCache(engine_args.prefix_cache_mb * 2 ** 20) if engine_args.prefix_cache_mb else None
+    speculative, prefix_cache_mb = step_settings(engine_args, model.precision)
+    prefix_cache = PrefixCache(prefix_cache_mb * 2 ** 20) if prefix_cache_mb else None
     scheduler = Scheduler(model.engine, model.feeds, stop_token_ids(model.tokenizer, model.generation),
                           max_batch=serve_args.max_batch, max_waiting=serve_args.max_waiting,
-                          speculative=engine_args.speculative, prefix_cache=prefix_cache).start()
+                          speculative=speculative, prefix_cache=prefix_cache).start()
     names = comma_list(serve_args.served_model_name) or [Path(engine_args.model_path).resolve().name]
     served = ServedModel(names[0], model.generation, model.tokenizer,
                          get_prompt_format(model.generation, model.tokenizer), scheduler, limits, sampling,

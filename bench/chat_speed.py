@@ -251,7 +251,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefix_cache_mb", type=int, default=256)
-    parser.add_argument("--serve_precision", default="int8")
+    parser.add_argument("--serve_precision", default="fp32", help="the engine served (fp32: where the cache keeps answers exact)")
     parser.add_argument("--peer", default=None, help="folder chatglm.cpp was built into by its build.sh")
     parser.add_argument("--peer_prompts", type=int, default=20)
     parser.add_argument("--work_dir", default="build/bench")

@@ -169,3 +169,14 @@ def test_rows_joining_mid_decode_with_cache_and_drafts_answer_as_alone(model_typ
         assert request.tokens == [t for t in alone[index]], (round_, index)
     stats = scheduler.summary()
     assert stats["prefix_cache"]["hits"] >= len(prompts) // 2 and stats["accepted"] > 0, stats
+
+
+def test_both_are_on_by_default_only_where_answers_stay_exact():
+    from types import SimpleNamespace
+
+    from glm_tune.deployment.exported_model import step_settings
+
+    unset = SimpleNamespace(speculative=None, prefix_cache_mb=None)
+    assert step_settings(unset, "fp32") == (4, 256)
+    assert step_settings(unset, "int8") == (0, 0) and step_settings(unset, "int4") == (0, 0)
+    assert step_settings(SimpleNamespace(speculative=2, prefix_cache_mb=0), "int8") == (2, 0)  # asked for: on

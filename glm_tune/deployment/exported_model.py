@@ -10,6 +10,26 @@ from glm_tune.glm_family import get_generation
 
 logger = logging.getLogger(__name__)
 
+# On fp32 engines a step over several tokens (a speculative verify, a prompt's end after cached columns) gives the
+# logits plain decoding gives (to ~1e-6), so both are on by default there. onnxruntime's weight-only int8 / int4
+# kernels differ between a one-token step and a several-token one at the quantization-noise level (measured 1e-2
+# on a logit), which moved 52 of 100 greedy answers of an untrained mid model: off unless asked for.
+EXACT_DEFAULTS = {"speculative": 4, "prefix_cache_mb": 256}
+
+
+def step_settings(engine_args, precision: str) -> tuple:
+    """(draft tokens per speculative step, prefix-cache MiB): the flags as given, else the defaults above."""
+    chosen = []
+    for name, default in EXACT_DEFAULTS.items():
+        value = getattr(engine_args, name)
+        if value is None:
+            value = default if precision == "fp32" else 0
+        elif value and precision != "fp32":
+            logger.warning("--%s %d on a %s engine: greedy answers may differ from plain decoding where two tokens "
+                           "are nearly tied (the weight-only kernels' noise)", name, value, precision)
+        chosen.append(value)
+    return tuple(chosen)
+
 
 @dataclass
 class ExportedModel:
