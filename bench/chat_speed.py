@@ -11,8 +11,9 @@ Parts:
   interleaved, best of --rounds; decode tok/s from the engine calls after the prefill, the acceptance rate, and
   whether every answer is token for token the plain one. chatglm.cpp (fp32 / q8_0 / q4_0, its own converter, its
   engine driven by ../shared/peers/chatglm_cpp/bench.py) decodes the same prompt ids for --new_tokens tokens.
-- conversation: a 6-turn conversation (dev prompts as questions, the model's own answers kept as history) replayed
-  through serve_generation.py, streamed, with and without the prefix cache: first-token ms per turn (to the first
+- conversation: a 6-turn conversation replayed through serve_generation.py (dev prompts as the user's turns, their
+  reference answers as the assistant's: an untrained model's own answers do not survive the text round trip, a
+  trained model's mostly do), streamed, with and without the prefix cache: first-token ms per turn (to the first
   chunk that carries text).
 - tools: a ChatGLM3 of the same sizes (untrained: only latency matters here) served with 3 tools; the first
   request, then 5 with the same tools and other questions: first-token ms with and without the cache.
@@ -152,7 +153,8 @@ def report_decode(rows: dict, peer: dict, args) -> None:
 
 
 def first_text_ms(port: int, messages, max_tokens: int, tools=None) -> tuple:
-    """(ms to the first chunk with text, the answer) of one streamed greedy completion."""
+    """(ms to the first chunk, the answer) of one streamed greedy completion: the server sends its first chunk
+    with the first token (a first chunk with text would wait for a token that decodes to visible text)."""
     body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     if tools:
         body["tools"] = [{"type": "function", "function": tool} for tool in tools]
@@ -167,12 +169,9 @@ def first_text_ms(port: int, messages, max_tokens: int, tools=None) -> tuple:
     for line in response:
         if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
             continue
+        first = first or time.perf_counter()  # the role chunk goes out with the first token (docs/serving.md)
         choices = json.loads(line[5:]).get("choices") or [{}]
-        delta = choices[0].get("delta", {})
-        text = delta.get("content") or (json.dumps(delta["tool_calls"]) if delta.get("tool_calls") else "")
-        if text and first is None:
-            first = time.perf_counter()
-        answer += delta.get("content") or ""
+        answer += choices[0].get("delta", {}).get("content") or ""
     connection.close()
     return (1000 * ((first or time.perf_counter()) - sent)), answer
 
@@ -187,7 +186,7 @@ def serve(export: Path, cache_mb: int, args):
 
 
 def conversation(export: Path, examples, args) -> dict:
-    """First-token ms per turn of a 6-turn conversation, with and without the prefix cache (same answers)."""
+    """First-token ms per turn of a 6-turn conversation, with and without the prefix cache."""
     result = {}
     for cache_mb in (0, args.prefix_cache_mb):
         proc, port = serve(export, cache_mb, args)
@@ -196,8 +195,8 @@ def conversation(export: Path, examples, args) -> dict:
                 messages, times = [], []
                 for example in examples[:6]:
                     messages.append({"role": "user", "content": example.src})
-                    ms, answer = first_text_ms(port, messages, args.new_tokens)
-                    messages.append({"role": "assistant", "content": answer})
+                    ms, _ = first_text_ms(port, messages, args.new_tokens)
+                    messages.append({"role": "assistant", "content": example.tgt})
                     times.append(ms)
                 best = result.get(cache_mb)
                 result[cache_mb] = times if best is None else [min(a, b) for a, b in zip(best, times)]
