@@ -200,8 +200,8 @@ class EngineArgument:
     threads: int = field(default=2, metadata={"help": "CPU threads of the engine."})
     speculative: Optional[int] = field(default=None, metadata={
         "help": "Draft tokens per speculative step (prompt lookup: the tokens that followed the answer's latest "
-                "n-gram earlier in prompt + answer, verified in one engine call); sampled and penalized rows do not "
-                "speculate. Default: 4 on fp32 engines (greedy answers token for token the plain ones), 0 (off) on "
+                "n-gram earlier in prompt + answer, verified in one engine call); sampled rows keep drafts by the "
+                "speculative-sampling rule (each token distributed as one-step sampling gives). Default: 4 on fp32 engines (greedy answers token for token the plain ones), 0 (off) on "
                 "int8 / int4, whose weight-only kernels give a step over several tokens logits that differ at the "
                 "quantization-noise level, so a near-tied greedy choice can differ."})
     prefix_cache_mb: Optional[int] = field(default=None, metadata={

@@ -41,18 +41,24 @@ def choose_next(logits: np.ndarray, rng: np.random.RandomState, sampling: Sampli
     """Greedy argmax, or sampling with temperature, top-k and top-p, on [B, V] logits."""
     if sampling.greedy:
         return logits.argmax(-1)
-    logits = logits.astype("float64") / max(sampling.temperature, 1e-6)
     chosen = []
     for row in logits:
-        order = np.argsort(-row)
-        if sampling.top_k and sampling.top_k > 0:
-            order = order[:sampling.top_k]
-        probs = np.exp(row[order] - row[order].max())
-        probs /= probs.sum()
-        keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p) + 1) if sampling.top_p < 1.0 else len(order)
-        probs = probs[:keep] / probs[:keep].sum()
-        chosen.append(order[rng.choice(keep, p=probs)])
+        ids, probs = token_probabilities(row, sampling)
+        chosen.append(ids[rng.choice(len(ids), p=probs)])
     return np.asarray(chosen, dtype="int64")
+
+
+def token_probabilities(row: np.ndarray, sampling: Sampling):
+    """(ids, probabilities) sampling draws from for one row of logits: temperature, then the top-k most likely,
+    then the smallest set reaching top-p."""
+    row = row.astype("float64") / max(sampling.temperature, 1e-6)
+    order = np.argsort(-row)
+    if sampling.top_k and sampling.top_k > 0:
+        order = order[:sampling.top_k]
+    probs = np.exp(row[order] - row[order].max())
+    probs /= probs.sum()
+    keep = int(np.searchsorted(np.cumsum(probs), sampling.top_p) + 1) if sampling.top_p < 1.0 else len(order)
+    return order[:keep], probs[:keep] / probs[:keep].sum()
 
 
 def penalize(logits: np.ndarray, answer: List[int], sampling: Sampling) -> np.ndarray:

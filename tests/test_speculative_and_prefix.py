@@ -11,7 +11,8 @@ from data import Example, read_examples
 from glm_tune.deployment.continuous_batching import Request, Scheduler
 from glm_tune.deployment.kv_cache import KVCache
 from glm_tune.deployment.prefix_cache import PrefixCache, block_keys
-from glm_tune.deployment.prompt_lookup import PromptLookup, accept_greedy, propose_drafts
+from glm_tune.deployment.prompt_lookup import PromptLookup, accept_drafts, propose_drafts
+from glm_tune.sampling import Sampling
 from glm_tune.glm_family import GENERATIONS
 
 from .test_predict_export import varied_prompts
@@ -44,9 +45,13 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_tail():
 def test_greedy_acceptance_keeps_the_agreeing_drafts_and_the_models_next_token():
     logits = np.zeros((4, 10))
     logits[[0, 1, 2, 3], [4, 5, 1, 2]] = 1.0  # the model would say 4, 5, 1, 2
-    assert accept_greedy(logits, [4, 5, 9]) == (2, 1)
-    assert accept_greedy(logits, [3, 5, 1]) == (0, 4)
-    assert accept_greedy(logits[:1], []) == (0, 4)
+    greedy = Sampling()
+    assert accept_drafts(logits, [4, 5, 9], None, greedy) == (2, 1)
+    assert accept_drafts(logits, [3, 5, 1], None, greedy) == (0, 4)
+    assert accept_drafts(logits[:1], [], None, greedy) == (0, 4)
+    # with a presence penalty the second position's 5 (already in the answer) loses to the next best
+    logits[1, 7] = 0.5
+    assert accept_drafts(logits, [4, 5], None, Sampling(presence_penalty=1.0), answer=[5]) == (1, 7)
 
 
 def test_prefix_blocks_are_keyed_by_everything_before_them():
@@ -64,6 +69,80 @@ def test_prefix_blocks_are_keyed_by_everything_before_them():
     small = PrefixCache(budget_bytes=4 * 3 * 16 * 4 * 4 + 1)  # room for one block (4 buffers): the root is kept
     small.store(list(range(40)), cache, row=0, columns=np.arange(40))
     assert small.summary()["blocks"] == 1 and small.lookup(list(range(20)), limit=20)[0] == 16
+
+
+class MarkovEngine:
+    """Stands in for the step graph where only the sampling matters: the logits at a position depend on that
+    position's token alone (a Markov chain over a few tokens), the keys and values are zeros."""
+
+    def __init__(self, table: dict, vocab: int):
+        self.table, self.vocab = table, vocab
+
+    def __call__(self, feeds):
+        ids = feeds["input_ids"]
+        count = int(feeds["num_logits"][0])
+        logits = np.full((ids.shape[0], count, self.vocab), -1e4, dtype="float32")
+        for row in range(ids.shape[0]):
+            for k, token in enumerate(ids[row, -count:]):
+                for nxt, logit in self.table.get(int(token), {}).items():
+                    logits[row, k, nxt] = logit
+        new = np.zeros((ids.shape[0], 1, ids.shape[1], 2), dtype="float32")
+        return (logits, new, new)
+
+
+def sampled_pairs(tiny_tokenizer, speculative: int, rounds: int = 1500):
+    """First two sampled tokens of `rounds` requests, and the scheduler's stats."""
+    from types import SimpleNamespace
+
+    from glm_tune.deployment.step_feeds import StepFeeds
+
+    a, b, c = 30, 31, 32
+    table = {a: {a: 1.0, b: 0.5, c: 0.0}, b: {a: 0.2, b: 1.2, c: 0.3}, c: {a: 0.7, b: 0.1, c: 0.9}}
+    config = SimpleNamespace(num_hidden_layers=1, multi_query_group_num=1, kv_channels=2)
+    feeds = StepFeeds(tiny_tokenizer, "chatglm2", config)
+    scheduler = Scheduler(MarkovEngine(table, tiny_tokenizer.vocab_size), feeds, stop_ids=[], max_batch=4,
+                          max_waiting=rounds, speculative=speculative)
+    requests = [Request([a, b, a, b, c, a, a, b, b, a], 2 + 4, on_token=lambda t: None, on_finish=lambda r: None,
+                        on_error=lambda m: None, sampling=Sampling(greedy=False, seed=seed, top_p=0.95))
+                for seed in range(rounds)]
+    for request in requests:
+        scheduler.submit(request)
+    scheduler.run_until_idle()
+    pairs = {}
+    for request in requests:
+        pairs[tuple(request.tokens[1:3])] = pairs.get(tuple(request.tokens[1:3]), 0) + 1
+    return pairs, scheduler.summary(), table
+
+
+def test_speculative_sampling_keeps_the_distribution(tiny_tokenizer):
+    """Sampled rows speculate too: tokens 2 and 3 of each answer (after drafts were kept and rejected) follow the
+    model's distribution as one-step sampling does (a Markov chain whose exact probabilities are known)."""
+    from glm_tune.sampling import token_probabilities
+
+    tokenizer = tiny_tokenizer("chatglm2")
+    plain, _, table = sampled_pairs(tokenizer, speculative=0)
+    drafted, stats, _ = sampled_pairs(tokenizer, speculative=3)
+    assert 0 < stats["accepted"] < stats["drafted"], stats  # drafts both kept and rejected
+    sampling, vocab = Sampling(greedy=False, top_p=0.95), tokenizer.vocab_size
+
+    def step(token):
+        row = np.full(vocab, -1e4)
+        for nxt, logit in table[token].items():
+            row[nxt] = logit
+        ids, probs = token_probabilities(row, sampling)
+        return dict(zip(ids.tolist(), probs.tolist()))
+
+    # P(t2, t3) = sum over t1 of P(t1 | prompt end) P(t2 | t1) P(t3 | t2); compared through t2, t3 only
+    first = step(30)
+    exact = {}
+    for t1, p1 in first.items():
+        for t2, p2 in step(t1).items():
+            for t3, p3 in step(t2).items():
+                exact[(t2, t3)] = exact.get((t2, t3), 0.0) + p1 * p2 * p3
+    for counts in (plain, drafted):
+        total = sum(counts.values())
+        distance = 0.5 * sum(abs(counts.get(k, 0) / total - v) for k, v in exact.items())
+        assert distance < 0.05, (counts, exact)
 
 
 # ------------------------------------------------------------------------------------ answers unchanged

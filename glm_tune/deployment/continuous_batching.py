@@ -11,10 +11,10 @@ the whole batch decodes one token (one call). Merging and dropping rows copy the
 Two things make a step do more than one token's work, neither changing a greedy answer:
 - the prefix cache (prefix_cache.py): a newcomer whose prompt starts with blocks an earlier request left is
   prefilled from those columns, only its new end run by the engine;
-- speculative steps (prompt_lookup.py, `speculative` drafts): greedy rows propose the tokens that followed their
-  latest n-gram earlier in prompt + answer, the batch verifies them in one call over [next token, drafts], each
-  row keeps the drafts the model agrees with plus the model's own next token, and the rest of its new columns
-  are masked (dropped from the cache when every row has dropped them).
+- speculative steps (prompt_lookup.py, `speculative` drafts): rows propose the tokens that followed their latest
+  n-gram earlier in prompt + answer, the batch verifies them in one call over [next token, drafts], each row keeps
+  the drafts the model agrees with (greedy) or the speculative-sampling rule keeps (sampling) plus the model's own
+  next token, and the rest of its new columns are masked (dropped from the cache when every row has dropped them).
 infer_generation.py runs the same scheduler on its own thread (`run_until_idle`), so infer and serve answer alike.
 """
 import logging
@@ -28,7 +28,7 @@ import numpy as np
 
 from glm_tune.deployment.kv_cache import KVCache, widen
 from glm_tune.deployment.prefix_cache import CACHEABLE, PrefixCache
-from glm_tune.deployment.prompt_lookup import PromptLookup, accept_greedy
+from glm_tune.deployment.prompt_lookup import PromptLookup, accept_drafts
 from glm_tune.deployment.step_feeds import append_step
 from glm_tune.sampling import Sampling, choose_next, penalize
 
@@ -224,13 +224,11 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ decoding
 
     def _drafts(self, batch: "RunningBatch") -> List[List[int]]:
-        """Each greedy row's drafts (sampling and penalized rows propose none: their next token is not a
-        function of the logits alone)."""
+        """Each row's drafts (prompt lookup), as many as the row still has room for."""
         drafts = []
         for request in batch.requests:
             room = request.max_tokens - len(request.tokens) - 1  # the model's own token always comes too
-            if (self.speculative <= 0 or room <= 0 or not request.sampling.greedy or request.sampling.penalized
-                    or request.cancelled):
+            if self.speculative <= 0 or room <= 0 or request.cancelled:
                 drafts.append([])
             else:
                 if request.lookup is None:
@@ -271,7 +269,9 @@ class Scheduler:
         for row, row_drafts in enumerate(drafts):
             fed = 1 + len(row_drafts)
             if row_drafts:
-                kept, token = accept_greedy(logits[row, steps - fed:], row_drafts)
+                request = batch.requests[row]
+                kept, token = accept_drafts(logits[row, steps - fed:], row_drafts, request.rng, request.sampling,
+                                            request.tokens)
             else:
                 kept, token = 0, int(self._choose(logits[row:row + 1, -1], [batch.requests[row]])[0])
             valid[row, first:] = 0

@@ -3,13 +3,16 @@ attributes, names, numbers, tool arguments), so the tokens that followed the las
 answer's latest n-gram are proposed as drafts, and one engine call over [next token, drafts...] verifies them all:
 a step over a few tokens costs about as much as a step over one while reading the weights dominates.
 
-Greedy only: a draft is kept while it equals the argmax of the logits before it, so the answer is the one plain
-greedy decoding gives, token for token (the model's own choice after the last kept draft comes free with it).
+Greedy rows keep a draft while it equals the argmax before it, so the answer is plain greedy decoding's, token for
+token (the model's own choice after the last kept draft comes free with it); sampled rows keep drafts by the
+speculative-sampling rule, which leaves each token's distribution what one-step sampling gives (`accept_drafts`).
 """
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from glm_tune.sampling import Sampling, penalize, token_probabilities
 
 MAX_NGRAM = 3   # the longest answer tail looked up in prompt + answer; shorter ones are tried when it is not found
 MIN_NGRAM = 2   # a lone repeated token (a comma, a separator) predicted the next one too rarely to pay
@@ -64,11 +67,33 @@ def propose_drafts(sequence: Sequence[int], count: int, max_ngram: int = MAX_NGR
     return PromptLookup(sequence).propose(count, max_ngram, min_ngram)
 
 
-def accept_greedy(logits: np.ndarray, drafts: Sequence[int]) -> Tuple[int, int]:
-    """(kept, next): how many drafts equal the greedy choice before them, and the greedy token after the last kept
-    one. `logits` [len(drafts) + 1, V] are those of the step's positions: the token fed first, then each draft."""
-    chosen = logits.argmax(-1)
-    kept = 0
-    while kept < len(drafts) and int(chosen[kept]) == int(drafts[kept]):
-        kept += 1
-    return kept, int(chosen[kept])
+def accept_drafts(logits: np.ndarray, drafts: Sequence[int], rng, sampling: Sampling,
+                  answer: Sequence[int] = ()) -> Tuple[int, int]:
+    """(kept, next): how many drafts the step keeps, and the token chosen after the last kept one. `logits`
+    [len(drafts) + 1, V] are those of the step's positions (the token fed first, then each draft); `answer` is the
+    answer so far (for the penalties).
+
+    Greedy: a draft is kept while it equals the greedy choice before it, so the answer is plain greedy decoding's.
+    Sampling: the speculative-sampling rule for a draft proposed with certainty (Leviathan et al. 2023, with the
+    draft distribution a point mass): draft d is kept with probability p(d), else the next token is drawn from p
+    without d, renormalized; after the last kept draft the next token is drawn from p. Each token is then
+    distributed exactly as when sampled one step at a time."""
+    for position in range(len(drafts) + 1):
+        row = logits[position]
+        if sampling.penalized:
+            row = penalize(row, list(answer) + list(drafts[:position]), sampling)
+        if sampling.greedy:
+            best = int(row.argmax())
+            if position < len(drafts) and best == int(drafts[position]):
+                continue
+            return position, best
+        ids, probs = token_probabilities(row, sampling)
+        if position == len(drafts):
+            return position, int(ids[rng.choice(len(ids), p=probs)])
+        draft = int(drafts[position])
+        p_draft = float(probs[ids == draft].sum())
+        if rng.random_sample() < p_draft:
+            continue
+        rest = np.where(ids == draft, 0.0, probs)
+        return position, int(ids[rng.choice(len(ids), p=rest / rest.sum())])
+    raise AssertionError("unreachable: the last position always returns")
