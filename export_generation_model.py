@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from argument import LengthArgument, ModelArgument, comma_list, parse_dataclasses, require_flag
-from glm_tune.deployment.onnx_export import INLINE_LIMIT, MAX_INLINE, QUANTIZATIONS
+from glm_tune.deployment.onnx_export import BLOCK_CHOICES, INLINE_LIMIT, MAX_INLINE, QUANTIZATIONS
 from glm_tune.deployment.step_export import export, export_target, load_for_export
 from glm_tune.errors import run_cli
 
@@ -34,7 +34,11 @@ class ExportArgument:
                                                        "for infer_generation.py --backend onnxruntime."})
     quantize: Optional[str] = field(default=None, metadata={
         "help": "Also write weight-only quantized ONNX copies: int8, int4 or int8,int4 (PREFIX.int8.onnx, "
-                "onnxruntime MatMulNBits, blocks of 32, symmetric). The embedding stays float32."})
+                "onnxruntime MatMulNBits, symmetric). The embedding stays float32."})
+    quantize_block_size: Optional[int] = field(default=None, metadata={
+        "help": "Weights per scale of --quantize: 16, 32, 64, 128 or 256. Default 128 for int8 (its error hardly "
+                "grows with the block; the kernel reads it ~17% faster than blocks of 32) and 32 for int4 (as "
+                "chatglm.cpp's q4_0; 128 reads ~35% faster at a coarser quantization)."})
     onnx_inline_mb: int = field(default=INLINE_LIMIT // 2 ** 20, metadata={
         "help": "An ONNX graph whose weights pass this many MiB keeps them in its own data file (PREFIX.onnx.data, "
                 "PREFIX.int8.onnx.data, ...), written one tensor at a time and mapped by ONNX Runtime: protobuf caps "
@@ -49,6 +53,8 @@ class ExportArgument:
         require_flag(not unknown, f"--quantize {self.quantize!r}: choose from {', '.join(QUANTIZATIONS)} "
                                   "(comma-separated for several)")
         require_flag(self.onnx or not self.quantizations, "--quantize needs the ONNX graph: drop --onnx False")
+        require_flag(self.quantize_block_size in (None, *BLOCK_CHOICES),
+                     f"--quantize_block_size {self.quantize_block_size}: choose one of {BLOCK_CHOICES}")
         require_flag(0 <= self.onnx_inline_mb <= MAX_INLINE // 2 ** 20,
                      f"--onnx_inline_mb {self.onnx_inline_mb} must be between 0 and {MAX_INLINE // 2 ** 20} "
                      "(protobuf's 2 GiB, less room for the graph itself)")
@@ -66,7 +72,7 @@ def main(argv=None) -> Path:
     target = export_target(export_args.output_path, model_args, export_args.overwrite)
     return export(list(load_for_export(model_args, export_args.dtype)), target, export_args.dtype, data_args,
                   export_args.overwrite, export_args.onnx, export_args.quantizations,
-                  export_args.onnx_inline_mb * 2 ** 20)
+                  export_args.onnx_inline_mb * 2 ** 20, export_args.quantize_block_size)
 
 
 if __name__ == "__main__":

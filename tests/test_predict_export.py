@@ -282,7 +282,7 @@ def test_the_weight_only_graphs_equal_onnxruntimes_own_quantizer(tiny_dir, tmp_p
     from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from glm_tune.deployment.onnx_export import ACCURACY_LEVEL, BLOCK_SIZE, converter_constant_matmuls
+    from glm_tune.deployment.onnx_export import ACCURACY_LEVEL, BLOCK_SIZES, converter_constant_matmuls
 
     out = export_generation_model.main(["--model_name_or_path", str(tiny_dir("chatglm3")), "--output_path",
                                         str(tmp_path / "infer" / "chatglm"), "--quantize", "int8,int4"])
@@ -290,7 +290,8 @@ def test_the_weight_only_graphs_equal_onnxruntimes_own_quantizer(tiny_dir, tmp_p
     for precision, bits in (("int8", 8), ("int4", 4)):
         reference = onnx.ModelProto()
         reference.CopyFrom(fp32)
-        config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+        config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZES[precision], is_symmetric=True,
+                                              accuracy_level=ACCURACY_LEVEL,
                                               bits=bits)
         quantizer = MatMulNBitsQuantizer(reference, algo_config=config,
                                          nodes_to_exclude=converter_constant_matmuls(reference))

@@ -25,7 +25,12 @@ from glm_tune.errors import GlmTuneError
 
 OPSET = 17
 QUANTIZATIONS = {"int8": 8, "int4": 4}
-BLOCK_SIZE = 32  # weights per scale, as chatglm.cpp's q8_0 / q4_0 blocks
+# Weights per scale. Measured at ChatGLM2-6B's layer shapes, one token, 2 threads (bench/matmul_nbits.py,
+# bench/RESULTS.md): MatMulNBits reads int8 blocks of 32 / 64 / 128 at 0.70 / 0.73 / 0.82 of the machine's plain
+# read bandwidth and int4 at 0.72 / 0.74 / 0.97. int8 keeps 256 levels per block, so its error hardly grows with
+# the block: 128. int4's 16 levels do: 32, as chatglm.cpp's q4_0 (--quantize_block_size 128 trades that for speed).
+BLOCK_SIZES = {"int8": 128, "int4": 32}
+BLOCK_CHOICES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations: onnxruntime's fastest CPU kernel
 # Weights above this go to the graph's data file. Protobuf stops at 2 GiB, but an inline graph costs twice its
 # size to write (the message, then its serialization) and again to load (ONNX Runtime parses it, then copies each
@@ -214,15 +219,18 @@ def converter_constant_matmuls(model) -> list:
             node.input[1] in made]
 
 
-def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_limit: int = INLINE_LIMIT) -> dict:
+def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_limit: int = INLINE_LIMIT,
+                     block_size: int = None) -> dict:
     """A weight-only quantized copy of `onnx_file`: every MatMul with one of the model's weights becomes
-    MatMulNBits (blocks of 32, symmetric, accuracy level 4), as onnxruntime's MatMulNBitsQuantizer makes it, one
-    weight read and quantized at a time; returns its description for PREFIX.generation.json."""
+    MatMulNBits (blocks of `block_size`, default BLOCK_SIZES; symmetric; accuracy level 4), as onnxruntime's
+    MatMulNBitsQuantizer makes it, one weight read and quantized at a time; returns its description for
+    PREFIX.generation.json."""
     import onnx
     from onnx import helper
 
     onnx_file, out_file = Path(onnx_file), Path(out_file)
     bits = QUANTIZATIONS[quantization]
+    block_size = block_size or BLOCK_SIZES[quantization]
     model = onnx.load(str(onnx_file), load_external_data=False)
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -249,13 +257,13 @@ def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_
                 new_nodes.append(node)
                 continue
             b = weight(initializers[node.input[1]])
-            packed, scales = block_quantize(b, bits)
+            packed, scales = block_quantize(b, bits, block_size)
             rows, cols = b.shape
             name = node.input[1]
             new_initializers += [sink.add(f"{name}_Q{bits}", packed), sink.add(f"{name}_scales", scales)]
             new_nodes.append(helper.make_node(
                 "MatMulNBits", [node.input[0], f"{name}_Q{bits}", f"{name}_scales"], [node.output[0]],
-                name=f"{node.name}_Q{bits}", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=BLOCK_SIZE,
+                name=f"{node.name}_Q{bits}", domain="com.microsoft", K=rows, N=cols, bits=bits, block_size=block_size,
                 accuracy_level=ACCURACY_LEVEL))
             del b, packed, scales
         del graph.initializer[:]
@@ -265,7 +273,7 @@ def quantize_weights(onnx_file: Path, out_file: Path, quantization: str, inline_
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         onnx.save(model, str(out_file))
-    return {"file": out_file.name, "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
+    return {"file": out_file.name, "bits": bits, "block_size": block_size, "symmetric": True,
             "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": len(targets), **sink.description()}
 
 
@@ -286,22 +294,22 @@ def read_initializer(tensor, folder: Path):
     return array.reshape(tuple(tensor.dims))
 
 
-def block_quantize(weight, bits: int):
-    """(packed [N, K / 32, 32 * bits / 8] uint8, scales [N, K / 32]) of a [K, N] weight: onnxruntime's own C++
+def block_quantize(weight, bits: int, block_size: int):
+    """(packed [N, K / block, block * bits / 8] uint8, scales [N, K / block]) of a [K, N] weight: onnxruntime's own C++
     block quantizer, with the layout its MatMulNBitsQuantizer gives it (symmetric, so no zero points)."""
     import numpy as np
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     rows, cols = weight.shape
-    k_blocks = -(-rows // BLOCK_SIZE)
-    if k_blocks * BLOCK_SIZE != rows:
-        weight = np.pad(weight, ((0, k_blocks * BLOCK_SIZE - rows), (0, 0)))
-    blob = BLOCK_SIZE * bits // 8
+    k_blocks = -(-rows // block_size)
+    if k_blocks * block_size != rows:
+        weight = np.pad(weight, ((0, k_blocks * block_size - rows), (0, 0)))
+    blob = block_size * bits // 8
     packed = np.zeros((cols, k_blocks, blob), dtype="uint8")
     scales = np.zeros((cols, k_blocks), dtype=weight.dtype)
     zero_points = np.zeros((cols, -(-k_blocks // (8 // bits))), dtype="uint8")
     quantize = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
-    quantize(packed, np.ascontiguousarray(weight), scales, zero_points, BLOCK_SIZE, cols, rows, True)
+    quantize(packed, np.ascontiguousarray(weight), scales, zero_points, block_size, cols, rows, True)
     return packed, scales
 
 

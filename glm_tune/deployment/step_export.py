@@ -61,7 +61,7 @@ def load_for_export(model_args, dtype: str):
 
 
 def export(loaded: list, output_path, dtype: str, data_args, overwrite: bool = False, onnx: bool = False,
-           quantizations=(), onnx_inline_bytes: int = INLINE_LIMIT) -> Path:
+           quantizations=(), onnx_inline_bytes: int = INLINE_LIMIT, block_size: int = None) -> Path:
     """Write the step graph (Paddle, and ONNX with its quantized copies when asked), config, tokenizer and
     description into a staging folder renamed over output_path's folder: a failed export leaves it as it was.
     `loaded` is load_for_export's [generation, model, tokenizer]; the model is taken out of it, so once the Paddle
@@ -84,7 +84,7 @@ def export(loaded: list, output_path, dtype: str, data_args, overwrite: bool = F
                 logger.info("quantizing the ONNX graph's weights to %s", quantization)
                 formats[f"onnx-{quantization}"] = quantize_weights(
                     staging / onnx_file_name(prefix), staging / onnx_file_name(prefix, quantization), quantization,
-                    onnx_inline_bytes)
+                    onnx_inline_bytes, block_size)
         tokenizer.save_pretrained(str(staging))
         config.save_pretrained(str(staging))
         atomic_write_json(staging / description_name(prefix),
