@@ -7,22 +7,8 @@ The code lives in `glm_tune/data/` (the library imports it from there, never fro
   prompt_formats.py  per-generation prompt formats, cutting to lengths, tokenize_example
   collator.py        left-padded batches with each generation's positions and masks
 
-Record contract: every reader returns `Example(src, tgt, history)`: the user's question, the answer to learn, and
-earlier turns as (question, answer) pairs. Formats read (one JSON object per line, or one JSON list):
-  AdvertiseGen        {"content": ..., "summary": ...}                      (optional "history")
-  instruction data    {"instruction": ..., "input": ..., "output": ..., "history": [[q, a], ...]}
-  BelleGroup math     {"instruction": ..., "output": ...}                   (school_math_0.25M)
-Bad input raises DataFormatError naming the file and line; `skip_bad_records=True` skips such records and
-reports how many.
-
-Tokenization follows THUDM's own fine-tuning code for each generation:
-  chatglm   "[Round {i}]\n问：{q}\n答：" text, then [gMASK] <sop> answer <eop>; 2-D positions
-  chatglm2  [gMASK] sop "[Round {i}]\n\n问：{q}\n\n答：" answer </s>
-  chatglm3  [gMASK] sop <|user|>\n q <|assistant|> \n answer </s>  (role tokens, history as earlier turns)
-Labels are already shifted (labels[i] is the token after input_ids[i]) and are -100 on the prompt and padding;
-that is what PaddleNLP's ChatGLM models expect. Prompts longer than `src_length` lose their oldest turns first,
-then the end of the user's question; the template (round headers, role tokens, answer cue) is never cut. Answers
-are cut at `tgt_length` and always end with the end-of-answer token. Formats count what they cut.
+The record contract and the formats read are described in records.py; how each generation tokenizes, and what
+is cut to the lengths, in prompt_formats.py.
 """
 from glm_tune.data.collator import DataCollator, chatglm_attention_mask, chatglm_position_ids
 from glm_tune.data.examples import IGNORE_INDEX, ChatTurn, DataFormatError, Example

@@ -23,10 +23,11 @@ import argparse
 import http.client
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from decode_throughput import run_python  # beside this script (its folder is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 MID = {"hidden_size": 512, "num_layers": 4, "num_attention_heads": 8, "ffn_hidden_size": 1376, "vocab_size": 65024}
@@ -42,13 +43,6 @@ TOOLS = [
     {"name": "track_order", "description": "Where an order is, by its order number, and when it arrives.",
      "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}},
 ]
-
-
-def run_python(argv, env=None) -> str:
-    done = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=env)
-    if done.returncode:
-        sys.exit(f"error: {' '.join(map(str, argv[:2]))} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def prepare(args, generation: str = "chatglm2") -> tuple:
