@@ -4,7 +4,7 @@ Framework-free (numpy): the server and the exported engines use it without paddl
 dygraph predictor) takes the same settings through `generate_kwargs`.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -37,15 +37,15 @@ class Sampling:
                 "top_p": self.top_p, "temperature": self.temperature}
 
 
-def choose_next(logits: np.ndarray, rng: np.random.RandomState, sampling: Sampling) -> np.ndarray:
-    """Greedy argmax, or sampling with temperature, top-k and top-p, on [B, V] logits."""
+def choose_next(row: np.ndarray, rng: np.random.RandomState, sampling: Sampling, answer: Sequence[int] = ()) -> int:
+    """The next token after one position's logits [V]: OpenAI's penalties for the answer so far, then the greedy
+    argmax or a draw with temperature, top-k and top-p."""
+    if sampling.penalized:
+        row = penalize(row, answer, sampling)
     if sampling.greedy:
-        return logits.argmax(-1)
-    chosen = []
-    for row in logits:
-        ids, probs = token_probabilities(row, sampling)
-        chosen.append(ids[rng.choice(len(ids), p=probs)])
-    return np.asarray(chosen, dtype="int64")
+        return int(row.argmax())
+    ids, probs = token_probabilities(row, sampling)
+    return int(ids[rng.choice(len(ids), p=probs)])
 
 
 def token_probabilities(row: np.ndarray, sampling: Sampling):

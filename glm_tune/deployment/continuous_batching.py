@@ -30,7 +30,7 @@ from glm_tune.deployment.kv_cache import KVCache, widen
 from glm_tune.deployment.prefix_cache import CACHEABLE, PrefixCache
 from glm_tune.deployment.prompt_lookup import PromptLookup, accept_drafts
 from glm_tune.deployment.step_feeds import append_step
-from glm_tune.sampling import Sampling, choose_next, penalize
+from glm_tune.sampling import Sampling, choose_next
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ class Scheduler:
             self._verify(batch, drafts)
             return
         feeds = self.feeds.next_feeds(batch.valid, batch.positions, batch.next_tokens, batch.cache)
-        logits, *new_columns = self._run(feeds, "decode", len(batch))
+        logits, *new_columns = self._run(feeds, "decode")
+        self.stats["decode_tokens"] += len(batch)
         batch.valid = append_step(batch.cache, batch.valid, new_columns)
         batch.positions = feeds["position_ids"][..., -1:]
         batch.next_tokens = self._choose(logits[:, -1], batch.requests)
@@ -265,27 +266,21 @@ class Scheduler:
         logits, *new_columns = self._run(feeds, "decode")
         valid = append_step(batch.cache, batch.valid, new_columns)
         first = valid.shape[1] - steps  # the step's first column
-        emitted = []
-        for row, row_drafts in enumerate(drafts):
-            fed = 1 + len(row_drafts)
-            if row_drafts:
-                request = batch.requests[row]
-                kept, token = accept_drafts(logits[row, steps - fed:], row_drafts, request.rng, request.sampling,
-                                            request.tokens)
-            else:
-                kept, token = 0, int(self._choose(logits[row:row + 1, -1], [batch.requests[row]])[0])
+        emitted, last_kept = [], np.zeros(len(batch), dtype="int64")
+        for row, (request, row_drafts) in enumerate(zip(batch.requests, drafts)):
+            start = steps - 1 - len(row_drafts)  # the row's fed token
+            kept, token = accept_drafts(logits[row, start:], row_drafts, request.rng, request.sampling, request.tokens)
             valid[row, first:] = 0
-            valid[row, first + steps - fed:first + steps - fed + 1 + kept] = 1  # the fed token and the kept drafts
+            valid[row, first + start:first + start + 1 + kept] = 1  # the fed token and the kept drafts
+            last_kept[row] = start + kept
             self.stats["drafted"] += len(row_drafts)
             self.stats["accepted"] += kept
             if row_drafts:
-                batch.requests[row].lookup.verified(len(row_drafts), kept)
+                request.lookup.verified(len(row_drafts), kept)
             emitted.append(row_drafts[:kept] + [token])
-        batch.positions = batch.positions.copy()
-        if self.feeds.generation == "chatglm":
-            batch.positions[:, 1, 0] += [len(e) for e in emitted]
-        else:
-            batch.positions[:, 0] += [len(e) for e in emitted]
+        # each row's last position is that of its last kept token (whatever the generation's position layout)
+        positions = feeds["position_ids"]
+        batch.positions = np.take_along_axis(positions, last_kept.reshape((-1,) + (1,) * (positions.ndim - 1)), -1)
         batch.next_tokens = np.asarray([e[-1] for e in emitted], dtype="int64")
         batch.valid = self._trim(batch.cache, valid)
         self.stats["decode_tokens"] += sum(len(e) for e in emitted)
@@ -300,7 +295,7 @@ class Scheduler:
         cache.length = length
         return valid[:, :length]
 
-    def _run(self, feeds, kind: str, tokens: int = 0):
+    def _run(self, feeds, kind: str):
         started = time.perf_counter()
         outputs = self.engine(feeds)
         seconds = time.perf_counter() - started
@@ -308,14 +303,12 @@ class Scheduler:
         self.stats["engine_seconds"] += seconds
         self.stats[f"{kind}_calls"] += 1
         self.stats[f"{kind}_seconds"] += seconds
-        self.stats["decode_tokens"] += tokens
         return outputs
 
-    def _choose(self, logits: np.ndarray, requests: List[Request]) -> np.ndarray:
-        for row, request in enumerate(requests):
-            if request.sampling.penalized and request.tokens:
-                logits[row] = penalize(logits[row], request.tokens, request.sampling)
-        return np.asarray([choose_next(logits[row:row + 1], request.rng, request.sampling)[0]
+    @staticmethod
+    def _choose(logits: np.ndarray, requests: List[Request]) -> np.ndarray:
+        """Each row's next token from its [B, V] logits."""
+        return np.asarray([choose_next(logits[row], request.rng, request.sampling, request.tokens)
                            for row, request in enumerate(requests)], dtype="int64")
 
     def _deliver(self, request: Request, tokens: List[int]) -> None:

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from glm_tune.sampling import Sampling, penalize, token_probabilities
+from glm_tune.sampling import Sampling, choose_next, penalize, token_probabilities
 
 MAX_NGRAM = 3   # the longest answer tail looked up in prompt + answer; shorter ones are tried when it is not found
 MIN_NGRAM = 2   # a lone repeated token (a comma, a separator) predicted the next one too rarely to pay
@@ -78,22 +78,17 @@ def accept_drafts(logits: np.ndarray, drafts: Sequence[int], rng, sampling: Samp
     draft distribution a point mass): draft d is kept with probability p(d), else the next token is drawn from p
     without d, renormalized; after the last kept draft the next token is drawn from p. Each token is then
     distributed exactly as when sampled one step at a time."""
-    for position in range(len(drafts) + 1):
-        row = logits[position]
-        if sampling.penalized:
-            row = penalize(row, list(answer) + list(drafts[:position]), sampling)
+    for position, draft in enumerate(drafts):
+        before = list(answer) + list(drafts[:position])
         if sampling.greedy:
-            best = int(row.argmax())
-            if position < len(drafts) and best == int(drafts[position]):
-                continue
-            return position, best
-        ids, probs = token_probabilities(row, sampling)
-        if position == len(drafts):
-            return position, int(ids[rng.choice(len(ids), p=probs)])
-        draft = int(drafts[position])
-        p_draft = float(probs[ids == draft].sum())
-        if rng.random_sample() < p_draft:
+            best = choose_next(logits[position], rng, sampling, before)
+            if best != int(draft):
+                return position, best
             continue
-        rest = np.where(ids == draft, 0.0, probs)
+        row = penalize(logits[position], before, sampling) if sampling.penalized else logits[position]
+        ids, probs = token_probabilities(row, sampling)
+        if rng.random_sample() < float(probs[ids == int(draft)].sum()):
+            continue
+        rest = np.where(ids == int(draft), 0.0, probs)
         return position, int(ids[rng.choice(len(ids), p=rest / rest.sum())])
-    raise AssertionError("unreachable: the last position always returns")
+    return len(drafts), choose_next(logits[len(drafts)], rng, sampling, list(answer) + list(drafts))
