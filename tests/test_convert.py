@@ -198,3 +198,99 @@ def test_scripts_accept_a_hugging_face_folder(tiny_hf, tmp_path, monkeypatch, ca
         again = predict_generation.main(argv)
     assert "using its Paddle conversion" in caplog.text and first == again
     assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
+
+
+def test_safetensors_files_take_tensors_in_any_order_and_refuse_gaps(tmp_path, monkeypatch):
+    """The writer conversions stream through: planned first, filled tensor by tensor (a transpose in row blocks)."""
+    import ml_dtypes
+
+    from glm_tune.conversion import safetensors_io
+    from glm_tune.conversion.hf_layout import SafetensorsShards
+
+    monkeypatch.setattr(safetensors_io, "_WRITE_ROWS_BYTES", 100)  # many row blocks for a 37 x 23 transpose
+    rng = np.random.RandomState(0)
+    tensors = {"a": rng.rand(23, 37).astype(np.float32).T, "b": rng.rand(5).astype(ml_dtypes.bfloat16),
+               "c": rng.rand(300, 8).astype(np.float16), "d": np.array(3, np.int64)}
+    shards = SafetensorsShards(tmp_path, [(n, a.shape, a.dtype) for n, a in tensors.items()], "2KB")
+    for name in ["d", "c", "a", "b"]:
+        shards.write(name, tensors[name])
+    files = shards.close()
+    assert len(files) == 5 and files[-1] == SAFETENSORS_INDEX  # a 3.4 KB, b 10 B, c 4.8 KB, d: none fit together
+    read = hf_tensors(tmp_path)
+    assert set(read) == set(tensors)
+    for name, array in tensors.items():
+        assert read[name].dtype == array.dtype and read[name].shape == array.shape
+        np.testing.assert_array_equal(read[name], array)
+
+    (tmp_path / "x").mkdir()
+    shards = SafetensorsShards(tmp_path / "x", [("a", (2, 3), np.float32), ("b", (4,), np.float32)])
+    with pytest.raises(safetensors_io.SafetensorsError, match=r"planned as float32 \[2, 3\] but arrived as "
+                                                              r"float32 \[3, 2\]"):
+        shards.write("a", np.zeros((3, 2), np.float32))
+    shards.write("a", np.zeros((2, 3), np.float32))
+    with pytest.raises(safetensors_io.SafetensorsError, match="written twice"):
+        shards.write("a", np.zeros((2, 3), np.float32))
+    with pytest.raises(safetensors_io.SafetensorsError, match=r"never written: \['b'\]"):
+        shards.close()
+
+
+def test_paddle_files_are_saved_as_paddle_saves_them(tmp_path):
+    """save_paddle_file (paddle.save's format without its memo, which held a shard three times) reads back the same
+    through paddle.load, tensors of every dtype and plain arrays alike."""
+    from glm_tune.conversion.checkpoint_convert import load_paddle_file, save_paddle_file
+
+    rng = np.random.RandomState(1)
+    state = {"w": paddle.to_tensor(rng.rand(7, 3).astype(np.float32)),
+             "h": paddle.to_tensor(rng.rand(4).astype(np.float16)),
+             "b": paddle.to_tensor(rng.rand(2, 5).astype(np.float32)).astype("bfloat16"),
+             "p": paddle.create_parameter([3], "float32"), "n": rng.rand(6).astype(np.float32)}
+    paddle.save(state, str(tmp_path / "reference.pdparams"))
+    save_paddle_file(state, tmp_path / "ours.pdparams")
+    for return_numpy in (False, True):
+        reference = load_paddle_file(tmp_path / "reference.pdparams", return_numpy=return_numpy)
+        ours = load_paddle_file(tmp_path / "ours.pdparams", return_numpy=return_numpy)
+        assert set(ours) == set(reference) == set(state)
+        for name in state:
+            a, b = ours[name], reference[name]
+            assert type(a) is type(b) and str(a.dtype) == str(b.dtype), name
+            np.testing.assert_array_equal(np.asarray(a.astype("float32") if not return_numpy else a, np.float32),
+                                          np.asarray(b.astype("float32") if not return_numpy else b, np.float32))
+
+
+def test_paddle_to_hf_refuses_mixed_dtypes_unless_told_one(tiny_dir, tmp_path):
+    """The Hugging Face files are planned from the first tensor's dtype; a later tensor of another dtype is refused
+    by name (nothing written), and --dtype writes them all in one."""
+    import shutil
+
+    from glm_tune.conversion.checkpoint_convert import save_paddle_file
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_dir("chatglm2"), mixed)
+    state = paddle.load(str(mixed / "model_state.pdparams"))
+    last = list(state)[-1]
+    state[last] = state[last].astype("float16")
+    save_paddle_file(state, mixed / "model_state.pdparams")
+    with pytest.raises(ConversionError, match=f"{last} is float16 but earlier tensors are float32; pass --dtype"):
+        convert_paddle_to_hf(mixed, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed"]
+    out = hf_tensors(convert_paddle_to_hf(mixed, tmp_path / "hf", dtype="float16"))
+    assert {a.dtype for a in out.values()} == {np.dtype(np.float16)}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_round_trip_rounds_once(dtype, tiny_hf, tmp_path):
+    """fp32 -> Paddle in half precision -> Hugging Face: every value is the fp32 value rounded once to the
+    nearest half-precision number, and paddle.load reads the Paddle side in that dtype."""
+    import ml_dtypes
+
+    hf = tiny_hf("chatglm2")
+    paddle_dir = convert_hf_to_paddle(hf, tmp_path / "paddle", dtype=dtype, max_shard_size="400KB")
+    state = {}
+    for shard in sorted(paddle_dir.glob("model_state-*.pdparams")):
+        state.update(paddle.load(str(shard)))
+    assert len(state) == len(hf_tensors(hf)) and {str(t.dtype) for t in state.values()} == {f"paddle.{dtype}"}
+    back = hf_tensors(convert_paddle_to_hf(paddle_dir, tmp_path / "hf"))
+    numpy_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    for name, original in hf_tensors(hf).items():
+        assert back[name].dtype == numpy_dtype, name
+        np.testing.assert_array_equal(back[name].view(np.uint16), original.astype(numpy_dtype).view(np.uint16))

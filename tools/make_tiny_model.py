@@ -147,28 +147,60 @@ def build_config(model_type: str, tokenizer, sizes: dict, max_sequence_length: i
     return config
 
 
+_DRAW_ELEMENTS = 1 << 24  # normal values are drawn this many at a time (float64) into the float32 tensor
+
+
+def initial_value(name: str, shape, rng: np.random.RandomState):
+    """A parameter's initial value: Normal(0, 0.02) weights, unit norms, zero biases, as float32 numpy drawn from
+    `rng` (in chunks: the draws equal one draw of the whole tensor, without its float64 copy). None for a buffer
+    such as rotary `inv_freq`, which keeps the model's value."""
+    if name.endswith("inv_freq"):
+        return None
+    if "layernorm" in name and name.endswith("weight"):
+        return np.ones(shape, dtype="float32")
+    if name.endswith("bias"):
+        return np.zeros(shape, dtype="float32")
+    value = np.empty(shape, dtype="float32")
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, _DRAW_ELEMENTS):
+        flat[start:start + _DRAW_ELEMENTS] = rng.normal(0.0, 0.02, size=len(flat[start:start + _DRAW_ELEMENTS]))
+    return value
+
+
+def random_values(seed: int):
+    """value_of(name, tensor) for save_hf_checkpoint: each tensor's initial value, made when it is written. The
+    draws follow the call order, so it must be called in name order, as random_init draws (checked)."""
+    rng, last = np.random.RandomState(seed), [""]
+
+    def value_of(name, tensor):
+        if name < last[0]:
+            raise RuntimeError(f"random values must be drawn in name order; {name} came after {last[0]}")
+        last[0] = name
+        value = initial_value(name, tensor.shape, rng)
+        return tensor.numpy() if value is None else value
+
+    return value_of
+
+
 def random_init(model, seed: int) -> None:
-    """Normal(0, 0.02) weights, unit norms, zero biases, drawn by numpy in name order so every platform and
-    every output format gets bit-identical tensors. Buffers such as rotary `inv_freq` keep their values."""
+    """Set every parameter to its `initial_value`, drawn by numpy in name order so every platform and every
+    output format gets bit-identical tensors. Buffers such as rotary `inv_freq` keep their values."""
     import paddle
 
     rng = np.random.RandomState(seed)
     for name, tensor in sorted(model.state_dict().items()):
-        if name.endswith("inv_freq"):
-            continue
-        if "layernorm" in name and name.endswith("weight"):
-            value = np.ones(tensor.shape, dtype="float32")
-        elif name.endswith("bias"):
-            value = np.zeros(tensor.shape, dtype="float32")
-        else:
-            value = rng.normal(0.0, 0.02, size=tensor.shape).astype("float32")
-        tensor.set_value(paddle.to_tensor(value, dtype=tensor.dtype))
+        value = initial_value(name, tensor.shape, rng)
+        if value is not None:
+            tensor.set_value(paddle.to_tensor(value, dtype=tensor.dtype))
 
 
 def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_sequence_length: int = 2048,
-                     corpus: str = "adgen"):
+                     corpus: str = "adgen", lazy: bool = False):
     """(model, tokenizer) of `model_type`, in memory; the tokenizer's files live in a temporary folder until
-    saved."""
+    saved. `lazy`: the parameters are not allocated (paddle.LazyGuard) and not initialised; write the model with
+    save_hf_checkpoint(..., value_of=random_values(seed)), which makes each value as it writes it."""
+    import contextlib
+
     import paddle
 
     generation = get_generation(model_type)
@@ -181,12 +213,14 @@ def build_tiny_model(model_type: str, seed: int = 42, sizes: dict = None, max_se
     tokenizer = tokenizer_class(vocab_file=str(vocab_file), **extra)
     config = build_config(model_type, tokenizer, sizes, max_sequence_length)
     paddle.seed(seed)
-    model = model_class(config)
+    with paddle.LazyGuard() if lazy else contextlib.nullcontext():
+        model = model_class(config)
     from glm_tune.model_loading import apply_rope_ratio
 
     apply_rope_ratio(model)
     model.eval()
-    random_init(model, seed)
+    if not lazy:
+        random_init(model, seed)
     return model, tokenizer
 
 
@@ -202,16 +236,20 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
     from glm_tune.conversion.hf_layout import save_hf_checkpoint
 
     output_dir = check_output_dir(output_dir, "make_tiny_model", overwrite=overwrite)
-    model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length, corpus)
+    # The Hugging Face layouts are written tensor by tensor from a model that holds no weights (a 6B's layer
+    # shapes fit in memory once); the Paddle layout goes through save_pretrained, which needs them all.
+    lazy = fmt != "paddle"
+    model, tokenizer = build_tiny_model(model_type, seed, sizes, max_sequence_length, corpus, lazy=lazy)
+    values = random_values(seed) if lazy else None
     with atomic_folder(output_dir, "make_tiny_model", overwrite) as staging:
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
         elif fmt == "hf":
-            save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size=max_shard_size)
+            save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size, value_of=values)
         else:  # transformers' GLM layout, through the THUDM layout (the same path real checkpoints take)
             from glm_tune.conversion.hf_glm import save_glm_checkpoint
 
-            save_hf_checkpoint(model, tokenizer, model_type, staging / "hf")
+            save_hf_checkpoint(model, tokenizer, model_type, staging / "hf", value_of=values)
             save_glm_checkpoint(staging / "hf", staging / "glm", max_shard_size=max_shard_size or "2GB")
             for item in (staging / "glm").iterdir():
                 os.replace(item, staging / item.name)

@@ -18,9 +18,9 @@ import numpy as np
 
 from glm_tune.errors import GlmTuneError, one_line
 from glm_tune.glm_family import GENERATION_KEY, detect_generation, get_generation
-from glm_tune.conversion.hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, hf_config_from_paddle,
-                                           hf_tokenizer_config, needs_transpose, paddle_to_hf_name, parse_size,
-                                           write_safetensors_shards)
+from glm_tune.conversion.hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, SafetensorsShards,
+                                           hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
+                                           paddle_to_hf_name, parse_size)
 from glm_tune.safe_output import atomic_folder, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,29 @@ def load_paddle_file(path, **kwargs):
     except (EOFError, pickle.UnpicklingError, ValueError, UnicodeDecodeError, RuntimeError, MemoryError) as err:
         raise ConversionError(f"{path} cannot be read ({one_line(err)[:100] or type(err).__name__}): the "
                               "file is truncated or not a Paddle checkpoint; save or download it again") from None
+
+
+def save_paddle_file(state: dict, path) -> None:
+    """paddle.save of a flat name -> tensor (or numpy array) dict, in the same pickle format, without its memory
+    cost: paddle.save's pickler keeps every tensor's serialized bytes in its memo until the whole file is written,
+    so saving a 2 GB shard held it three times over (measured: 1 GiB of tensors peaked 1.9 GiB higher while
+    saved). Here the memo is off (a flat dict has nothing to share) and each tensor's bytes live only while they
+    are written. paddle.load and PaddleNLP's from_pretrained read the file as they read paddle.save's."""
+    import copyreg
+
+    from paddle.base import core
+    from paddle.base.framework import EagerParamBase
+
+    def reduce_tensor(tensor):  # as paddle.save's reduce_varbase: a (name, ndarray) tuple paddle.load turns back
+        return (tuple, ((tensor.name, np.array(tensor.cpu())),))
+
+    with open(path, "wb") as f:
+        pickler = pickle.Pickler(f, protocol=4)
+        pickler.fast = True
+        pickler.dispatch_table = copyreg.dispatch_table.copy()
+        pickler.dispatch_table[core.eager.Tensor] = reduce_tensor
+        pickler.dispatch_table[EagerParamBase] = reduce_tensor
+        pickler.dump(state)
 
 
 def read_checkpoint_config(folder: Path) -> dict:
@@ -194,14 +217,18 @@ def expected_shapes(config, model_type: str) -> dict:
     return {name: list(p.shape) for name, p in model.state_dict().items()}
 
 
-def _cast(array: np.ndarray, dtype: str):
-    """numpy array -> paddle tensor of `dtype` (bfloat16 goes through float32, which is exact)."""
-    import paddle
+def _as_saved_tensor(name: str, array: np.ndarray, dtype: str) -> tuple:
+    """What paddle.save writes for a tensor, (name, ndarray), which paddle.load turns back into a tensor; bfloat16
+    is carried as its uint16 bits, as Paddle does. Built from numpy without a Paddle copy (the casts round as
+    Paddle's do: to nearest, ties to even)."""
+    array = array.astype(_numpy_dtype(dtype), copy=False)
+    return (name, array.view(np.uint16) if dtype == "bfloat16" else array)
 
-    if dtype == "bfloat16" or array.dtype.name == "bfloat16":
-        tensor = paddle.to_tensor(array.astype(np.float32))
-        return tensor.astype(dtype) if dtype != "float32" else tensor
-    return paddle.to_tensor(array.astype(dtype, copy=False))
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
 def _to_numpy(tensor, dtype: str = None) -> np.ndarray:
@@ -230,8 +257,6 @@ def _check(mapped: dict, expected: dict, tied: set) -> None:
 
 def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: str = None,
                          max_shard_size="2GB", replace: bool = True, overwrite: bool = False) -> Path:
-    import paddle
-
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_dir(output_dir, "convert_checkpoint", inputs={"--input_dir": input_dir}, overwrite=overwrite)
     if (input_dir / PADDLE_WEIGHTS).is_file() or (input_dir / PADDLE_INDEX).is_file():
@@ -273,7 +298,7 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
             nonlocal shard, size
             if shard:
                 path = staging / f"shard-{len(shards):05d}.tmp"
-                paddle.save(shard, str(path))
+                save_paddle_file(shard, path)
                 shards.append((path, list(shard)))
                 shard, size = {}, 0
 
@@ -282,13 +307,13 @@ def convert_hf_to_paddle(input_dir, output_dir, model_type: str = None, dtype: s
                 continue  # tied to the word embeddings in PaddleNLP's ChatGLM; saved once
             array = weights.get(name)
             if needs_transpose(target, array.ndim):
-                array = np.ascontiguousarray(array.T)
-            nbytes = array.nbytes
-            if shard and size + nbytes > limit:
+                array = np.ascontiguousarray(array.T)  # rebinding frees the read copy: one tensor held twice
+            saved = _as_saved_tensor(target, array, dtype)
+            del array
+            if shard and size + saved[1].nbytes > limit:
                 flush()
-            shard[target] = _cast(array, dtype)
-            del array  # the shard holds the Paddle copy; at most one tensor is held twice
-            size += nbytes
+            shard[target] = saved
+            size += saved[1].nbytes
         flush()
         _name_paddle_shards(staging, shards)
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -357,22 +382,40 @@ def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: s
     tied = {"lm_head.decoder_weight"} if model_type == "chatglm" else set()
     ptype = generation.paddle_model_type
 
+    # The output files are planned from the config's shapes once the first tensor gives the dtype; every input
+    # tensor is then written straight to its place, so only the Paddle file being read is held (PaddleNLP's shards
+    # are pickles, read whole).
+    hf_name = {name: paddle_to_hf_name(name, ptype) for name in expected}
     with atomic_folder(output_dir, "convert_checkpoint", overwrite, {"--input_dir": input_dir}) as staging:
-        tensors, seen = {}, {}
+        shards, seen, written, out_dtype = None, {}, set(), dtype
         for path in files:
-            for name, tensor in load_paddle_file(path).items():
-                out_dtype = dtype or str(tensor.dtype).replace("paddle.", "")
+            state = load_paddle_file(path)
+            arrived = {name: (name, list(tensor.shape)) for name, tensor in state.items()}
+            _check(arrived, {n: expected[n] for n in arrived if n in expected}, set())  # unexpected, wrong shapes
+            seen.update(arrived)
+            for name in list(state):
+                tensor = state.pop(name)
+                tensor_dtype = str(tensor.dtype).replace("paddle.", "")
+                if shards is None:
+                    out_dtype = out_dtype or tensor_dtype
+                    plan = [(hf_name[n], shape[::-1] if needs_transpose(n, len(shape)) else shape,
+                             _numpy_dtype(out_dtype))
+                            for n, shape in expected.items()]
+                    shards = SafetensorsShards(staging, plan, max_shard_size)
+                elif not dtype and tensor_dtype != out_dtype:
+                    raise ConversionError(f"{path}: {name} is {tensor_dtype} but earlier tensors are {out_dtype}; "
+                                          f"pass --dtype to write the checkpoint in one dtype")
                 array = _to_numpy(tensor, out_dtype)
-                seen[name] = (name, list(array.shape))
-                if needs_transpose(name, array.ndim):
-                    array = np.ascontiguousarray(array.T)
-                tensors[paddle_to_hf_name(name, ptype)] = array
+                del tensor
+                # v1 ties lm_head to the word embeddings: PaddleNLP may save the one tensor under both names.
+                for target in [name] + [t for t in tied if name.endswith("word_embeddings.weight")]:
+                    if target not in written:
+                        shards.write(hf_name[target], array.T if needs_transpose(target, array.ndim) else array)
+                        written.add(target)
+                del array
+            del state
         _check(seen, expected, tied)
-        if model_type == "chatglm" and "lm_head.weight" not in tensors:
-            # THUDM's ChatGLM-6B checkpoints carry lm_head.weight (equal to the tied embeddings).
-            tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"]
-        out_dtype = dtype or str(next(iter(tensors.values())).dtype)
-        write_safetensors_shards(tensors, staging, max_shard_size)
+        shards.close()
         hf_config = hf_config_from_paddle(config, model_type, out_dtype)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False), encoding="utf-8")
         (staging / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(model_type), indent=2,

@@ -80,34 +80,57 @@ def parse_size(size) -> int:
     return int(float(match.group(1)) * unit)
 
 
+class SafetensorsShards:
+    """A Hugging Face checkpoint's weight files, planned from (name, shape, dtype) before any tensor is read: one
+    model.safetensors, or numbered shards of at most `max_shard_size` plus the index Hugging Face reads. Tensors
+    are then written one at a time, in any order (`write`), so a conversion holds only the tensor at hand;
+    `close()` refuses a checkpoint with a tensor missing and returns the file names written."""
+
+    def __init__(self, output_dir, plan, max_shard_size=None, metadata=None):
+        from glm_tune.conversion.safetensors_io import SafetensorsFileWriter
+
+        self.output_dir = Path(output_dir)
+        limit = parse_size(max_shard_size) if max_shard_size else None
+        shards, current, current_size = [], [], 0
+        for name, shape, dtype in plan:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if limit and current and current_size + nbytes > limit:
+                shards.append(current)
+                current, current_size = [], 0
+            current.append((name, tuple(shape), np.dtype(dtype)))
+            current_size += nbytes
+        shards.append(current)
+        self.total_size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for shard in shards for _, s, d in shard)
+        self.files = (["model.safetensors"] if len(shards) == 1 else
+                      [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+        metadata = {"format": "pt", **(metadata or {})}
+        self._writers, self._file_of = [], {}
+        for file_name, shard in zip(self.files, shards):
+            self._writers.append(SafetensorsFileWriter(self.output_dir / file_name, shard, metadata))
+            self._file_of.update({name: len(self._writers) - 1 for name, _, _ in shard})
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self._writers[self._file_of[name]].write(name, array)
+
+    def close(self) -> list:
+        for writer in self._writers:
+            writer.close()
+        if len(self.files) == 1:
+            return list(self.files)
+        weight_map = {name: self.files[i] for name, i in self._file_of.items()}
+        with open(self.output_dir / SAFETENSORS_INDEX, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, f, indent=2)
+        return self.files + [SAFETENSORS_INDEX]
+
+
 def write_safetensors_shards(tensors: dict, output_dir: Path, max_shard_size=None, metadata=None) -> list:
     """Write `tensors` (name -> numpy array) as one model.safetensors or as numbered shards plus the index
     file Hugging Face reads. Returns the file names written."""
-    from glm_tune.conversion.safetensors_io import write_safetensors as save_file
-
-    limit = parse_size(max_shard_size) if max_shard_size else None
-    shards, current, current_size = [], {}, 0
+    shards = SafetensorsShards(output_dir, [(n, a.shape, a.dtype) for n, a in tensors.items()], max_shard_size,
+                               metadata)
     for name, array in tensors.items():
-        if limit and current and current_size + array.nbytes > limit:
-            shards.append(current)
-            current, current_size = {}, 0
-        current[name] = np.ascontiguousarray(array)
-        current_size += array.nbytes
-    shards.append(current)
-    metadata = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        save_file(str(output_dir / "model.safetensors"), shards[0], metadata=metadata)
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(str(output_dir / file_name), shard, metadata=metadata)
-        names.append(file_name)
-        weight_map.update({k: file_name for k in shard})
-    total = sum(a.nbytes for a in tensors.values())
-    with open(output_dir / SAFETENSORS_INDEX, "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names + [SAFETENSORS_INDEX]
+        shards.write(name, array)
+    return shards.close()
 
 
 def hf_tokenizer_config(model_type: str) -> dict:
@@ -124,21 +147,34 @@ def hf_tokenizer_config(model_type: str) -> dict:
     return out
 
 
-def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_size=None,
-                       dtype: str = "float32") -> list:
-    """Write `model` (a PaddleNLP ChatGLM) and its tokenizer in THUDM's Hugging Face layout."""
+def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_size=None, value_of=None) -> list:
+    """Write `model` (a PaddleNLP ChatGLM) and its tokenizer in THUDM's Hugging Face layout, fp32, tensors in name
+    order, one at a time. `value_of(name, tensor)` gives a tensor's fp32 value instead of reading it: with it the
+    model may be built under `paddle.LazyGuard` (no weights in memory) and each value made as it is written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generation = get_generation(model_type)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        array = tensor.astype("float32").numpy() if dtype == "float32" else tensor.numpy()
-        if needs_transpose(name, array.ndim):
-            array = array.T
-        tensors[paddle_to_hf_name(name, generation.paddle_model_type)] = array
-    files = write_safetensors_shards(tensors, output_dir, max_shard_size)
+    state = model.state_dict()
+    names = sorted(state)
+
+    def hf_shape(name):
+        shape = list(state[name].shape)
+        return shape[::-1] if needs_transpose(name, len(shape)) else shape
+
+    hf_names = {name: paddle_to_hf_name(name, generation.paddle_model_type) for name in names}
+    shards = SafetensorsShards(output_dir, [(hf_names[n], hf_shape(n), np.float32) for n in names], max_shard_size)
+    # Tied names (v1's lm_head and word embeddings) share one tensor, written once its last name is reached.
+    last_name = {id(state[name]): name for name in names}
+    for name in names:
+        array = value_of(name, state[name]) if value_of else state[name].astype("float32").numpy()
+        if last_name[id(state[name])] != name:
+            continue  # value_of is still called: its draws follow the name order
+        for alias in (n for n in names if state[n] is state[name]):
+            shards.write(hf_names[alias], array.T if needs_transpose(alias, array.ndim) else array)
+        del array
+    files = shards.close()
     with open(output_dir / "config.json", "w", encoding="utf-8") as f:
-        json.dump(hf_config_from_paddle(model.config, model_type, dtype), f, indent=2, ensure_ascii=False)
+        json.dump(hf_config_from_paddle(model.config, model_type, "float32"), f, indent=2, ensure_ascii=False)
     with open(output_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(hf_tokenizer_config(model_type), f, indent=2, ensure_ascii=False)
     with open(tokenizer.vocab_file, "rb") as src, open(output_dir / generation.vocab_file, "wb") as dst:

@@ -89,19 +89,72 @@ class SafetensorsReader:
         self.close()
 
 
-def write_safetensors(path, tensors: dict, metadata: dict = None) -> None:
-    """Write name -> numpy array (any dtype in DTYPES, bfloat16 as ml_dtypes.bfloat16)."""
+def _header(specs, metadata: dict = None) -> bytes:
+    """The length-prefixed JSON header of a file holding `specs` (name, shape, numpy dtype) in that order."""
     header, offset = {}, 0
-    for name, array in tensors.items():
-        nbytes = array.nbytes
-        header[name] = {"dtype": TAGS[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": TAGS[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+    return struct.pack("<Q", len(raw)) + raw
+
+
+_WRITE_ROWS_BYTES = 64 << 20  # a non-contiguous tensor (a transpose) is copied and written this many bytes at a time
+
+
+class SafetensorsFileWriter:
+    """One safetensors file whose tensors are known before any is written: the header goes first, then each
+    tensor is written at its own offset when it arrives, in any order, so nothing but the tensor at hand is held
+    (a transposed view is written row block by row block). `close()` refuses a file with a tensor missing."""
+
+    def __init__(self, path, specs, metadata: dict = None):
+        self.path = Path(path)
+        head = _header(specs, metadata)
+        self._places, offset = {}, len(head)
+        for name, shape, dtype in specs:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            self._places[name] = (offset, tuple(shape), np.dtype(dtype))
+            offset += nbytes
+        self._missing = set(self._places)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write_at(memoryview(head), 0)
+        os.ftruncate(self._fd, offset)
+
+    def _write_at(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):  # pwrite may write less than asked (Linux: at most ~2 GB a call)
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        offset, shape, dtype = self._places[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise SafetensorsError(f"{self.path}: tensor {name} was planned as {dtype} {list(shape)} but arrived "
+                                   f"as {array.dtype} {list(array.shape)}")
+        if name not in self._missing:
+            raise SafetensorsError(f"{self.path}: tensor {name} was written twice")
+        if array.ndim == 0 or array.flags.c_contiguous:
+            self._write_at(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)), offset)
+        else:
+            rows = max(1, _WRITE_ROWS_BYTES // max(1, array[0].nbytes))
+            for start in range(0, array.shape[0], rows):
+                block = np.ascontiguousarray(array[start:start + rows])
+                self._write_at(memoryview(block.reshape(-1).view(np.uint8)), offset)
+                offset += block.nbytes
+        self._missing.discard(name)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._missing:
+            raise SafetensorsError(f"{self.path}: tensors never written: {sorted(self._missing)}")
+
+
+def write_safetensors(path, tensors: dict, metadata: dict = None) -> None:
+    """Write name -> numpy array (any dtype in DTYPES, bfloat16 as ml_dtypes.bfloat16)."""
+    writer = SafetensorsFileWriter(path, [(n, a.shape, a.dtype) for n, a in tensors.items()], metadata)
+    for name, array in tensors.items():
+        writer.write(name, array)
+    writer.close()

@@ -77,9 +77,7 @@ def check_shapes(merged: dict, expected: dict) -> None:
 def merge_tp_shards(checkpoint_dir, output_dir, overwrite: bool = False, flag: str = "output_dir") -> Path:
     """Merge the shards in `checkpoint_dir` into a single-shard checkpoint (weights, config, tokenizer) at
     `output_dir`. Raises ShardMergeError before writing anything when the shards do not fit the config."""
-    import paddle
-
-    from glm_tune.conversion.checkpoint_convert import ConversionError, load_paddle_file
+    from glm_tune.conversion.checkpoint_convert import ConversionError, load_paddle_file, save_paddle_file
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.is_dir():
@@ -100,10 +98,11 @@ def merge_tp_shards(checkpoint_dir, output_dir, overwrite: bool = False, flag: s
         except ConversionError as err:
             raise ShardMergeError(str(err)) from None
     merged = merge_state_dicts(shards, config, generation)
+    del shards  # the merged tensors are new arrays or share the first shard's
     check_shapes(merged, single_process_shapes(config, generation))
 
     with atomic_folder(output_dir, MERGE_COMMAND, overwrite, {"checkpoint": checkpoint_dir}, flag) as staging:
-        paddle.save(merged, str(staging / "model_state.pdparams"))
+        save_paddle_file(merged, staging / "model_state.pdparams")
         config_dict = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
         config_dict.update(tensor_parallel_degree=1, tensor_parallel_rank=0)
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False), encoding="utf-8")
