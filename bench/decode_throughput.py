@@ -140,11 +140,23 @@ def prepare(args) -> Path:
     if not (args.model_dir / "config.json").is_file():
         make_tiny_model("chatglm2", args.model_dir, sizes=SIZES[args.size], overwrite=True)
     export = args.work_dir / f"{args.size}-infer"
-    if not (export / "chatglm.int4.onnx").is_file():
+    if not current_export(export):
         run_python(["export_generation_model.py", "--model_name_or_path", args.model_dir, "--output_path",
                     export / "chatglm", "--quantize", "int8,int4", "--src_length", "1024", "--tgt_length", "64",
                     "--overwrite", "True"])
     return export
+
+
+def current_export(export: Path) -> bool:
+    """The folder holds an export of this version's step graph with every format at today's block sizes."""
+    from glm_tune.deployment.export_format import EngineError, read_description
+    from glm_tune.deployment.onnx_export import BLOCK_SIZES
+
+    try:
+        formats = read_description(export, "chatglm").get("formats", {})
+    except EngineError:
+        return False
+    return all(formats.get(f"onnx-{q}", {}).get("block_size") == size for q, size in BLOCK_SIZES.items())
 
 
 def run_python(argv, env=None) -> str:

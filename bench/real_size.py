@@ -4,8 +4,10 @@ weight bytes W and its time, the per-layer slope from the two sizes, and the pro
 
     python bench/real_size.py                               # 2 and 3 layers under build/real (~15 min, ~12 GB RAM)
     python bench/real_size.py --layers 2 --steps make,from_hf,export,infer
+    python bench/real_size.py --input_dtype float16                 # the user's start: THUDM's float16 shards
     python bench/real_size.py --peer build/chatglm_cpp      # + chatglm.cpp's converter (f32, q8_0, q4_0), same folder
-                                                            # (~70 GB of disk at 3 layers with the peer's files)
+                                                            # (~27 GB of disk at 3 layers with the peer's files; each
+                                                            # size's files are deleted once measured unless --keep)
 
 Each step is its own process, run as a user would run the command, and measured by the kernel (the child's maximum
 resident set from wait4; wall time around it). The model starts as a user's does: a Hugging Face folder sharded as
@@ -96,7 +98,7 @@ def quantized_logits(export: Path) -> dict:
 
 def run_size(layers: int, args) -> dict:
     py = sys.executable
-    work = args.work_dir / f"{args.shape}-{layers}l"
+    work = args.work_dir / (f"{args.shape}-{layers}l" + ("" if args.input_dtype == "float32" else f"-{args.input_dtype}"))
     work.mkdir(parents=True, exist_ok=True)
     hf, paddle, back, export = work / "hf", work / "paddle", work / "hf-back", work / "infer"
     prompts = work / "prompts.json"
@@ -111,7 +113,7 @@ def run_size(layers: int, args) -> dict:
                   flush=True)
 
     step("make", [py, "tools/make_tiny_model.py", *SHAPES[args.shape], "--num_layers", layers, "--format", "hf",
-                  "--max_shard_size", "1GB", "--output_dir", hf, "--overwrite"])
+                  "--max_shard_size", "1GB", "--dtype", args.input_dtype, "--output_dir", hf, "--overwrite"])
     step("from_hf", [py, "tools/convert_checkpoint.py", "--input_dir", hf, "--output_dir", paddle, "--overwrite"])
     step("to_hf", [py, "tools/convert_checkpoint.py", "--input_dir", paddle, "--output_dir", back, "--to", "hf",
                    "--overwrite"])
@@ -151,7 +153,11 @@ def run_size(layers: int, args) -> dict:
     parity = None
     if (work / "dygraph.json").is_file() and (work / "onnxruntime-fp32.json").is_file():
         parity = (work / "dygraph.json").read_bytes() == (work / "onnxruntime-fp32.json").read_bytes()
-    return {"layers": layers, "weight_gb": weight_bytes(hf) / GB, "steps": rows, "onnx_fp32_equals_dygraph": parity,
+    weight_gb = weight_bytes(hf) / GB * (1 if args.input_dtype == "float32" else 2)  # W: the fp32 bytes
+    if not args.keep:  # a size's copies take ~22 GB (2 layers) to ~27 GB (3): the next size needs the disk
+        for folder in (hf, paddle, export, work / "ggml"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"layers": layers, "weight_gb": weight_gb, "steps": rows, "onnx_fp32_equals_dygraph": parity,
             "quantized_logits": logits}
 
 
@@ -188,6 +194,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--peer", default=None, help="folder chatglm.cpp was built into: its converter measured too")
     parser.add_argument("--work_dir", default="build/real", help="where the models and exports go")
+    parser.add_argument("--input_dtype", default="float32", choices=["float32", "float16"],
+                        help="dtype of the Hugging Face folder the pipeline starts from (THUDM ships float16); the "
+                             "conversion keeps it, the export and dygraph steps load it as float32. W stays the "
+                             "fp32 bytes")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each size's model, conversions and exports (default: deleted once measured)")
     args = parser.parse_args(argv)
     args.work_dir = (ROOT / args.work_dir).resolve()
     args.steps = set(args.steps.split(","))

@@ -294,3 +294,13 @@ def test_half_precision_round_trip_rounds_once(dtype, tiny_hf, tmp_path):
     for name, original in hf_tensors(hf).items():
         assert back[name].dtype == numpy_dtype, name
         np.testing.assert_array_equal(back[name].view(np.uint16), original.astype(numpy_dtype).view(np.uint16))
+
+
+def test_half_precision_test_model_is_the_fp32_one_rounded(tiny_hf, tmp_path):
+    """make_tiny_model --dtype float16 (THUDM's shipping dtype, for the real-size bench) writes the same model."""
+    half = make_tiny_model("chatglm2", tmp_path / "fp16", fmt="hf", dtype="float16")
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
+    written = hf_tensors(half)
+    for name, original in hf_tensors(tiny_hf("chatglm2")).items():
+        assert written[name].dtype == np.float16, name
+        np.testing.assert_array_equal(written[name], original.astype(np.float16), err_msg=name)

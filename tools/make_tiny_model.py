@@ -27,7 +27,7 @@ console.quiet_startup()  # called before the imports below: paddle prints its st
 import numpy as np
 
 from glm_tune.glm_family import GENERATION_KEY, get_generation
-from glm_tune.errors import run_cli
+from glm_tune.errors import GlmTuneError, run_cli
 from glm_tune.safe_output import atomic_folder, check_output_dir
 from tools.make_demo_data import make_record
 
@@ -231,8 +231,12 @@ def save_paddle(model, tokenizer, output_dir: Path) -> None:
 
 def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int = 42, sizes: dict = None,
                     max_sequence_length: int = 2048, max_shard_size: str = None, overwrite: bool = False,
-                    corpus: str = "adgen") -> Path:
-    """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed)."""
+                    corpus: str = "adgen", dtype: str = "float32") -> Path:
+    """Write the tiny model in `fmt` ("paddle" or "hf") to `output_dir`, atomically (a temp folder renamed);
+    `dtype` other than float32 only in the Hugging Face layout (the fp32 values rounded once)."""
+    if dtype != "float32" and fmt != "hf":
+        raise GlmTuneError(f"--dtype {dtype} is written in --format hf only; convert to Paddle with "
+                         f"tools/convert_checkpoint.py (the input's dtype is kept)")
     from glm_tune.conversion.hf_layout import save_hf_checkpoint
 
     output_dir = check_output_dir(output_dir, "make_tiny_model", overwrite=overwrite)
@@ -245,7 +249,7 @@ def make_tiny_model(model_type: str, output_dir, fmt: str = "paddle", seed: int 
         if fmt == "paddle":
             save_paddle(model, tokenizer, staging)
         elif fmt == "hf":
-            save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size, value_of=values)
+            save_hf_checkpoint(model, tokenizer, model_type, staging, max_shard_size, value_of=values, dtype=dtype)
         else:  # transformers' GLM layout, through the THUDM layout (the same path real checkpoints take)
             from glm_tune.conversion.hf_glm import save_glm_checkpoint
 
@@ -289,6 +293,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer_corpus", default="adgen", choices=["adgen", "adgen,tools"],
                         help="text the tokenizer learns its pieces from: the demo ad data, or that plus ChatGLM3 "
                              "tool-use conversations (compact tool prompts; 2,000 pieces)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="hf format only: dtype of the written weights (THUDM ships float16); the float32 "
+                             "initial values rounded once")
     parser.add_argument("--max_shard_size", default=None,
                         help="hf format only: split safetensors into shards of at most this size, e.g. 200KB")
     args = parser.parse_args(argv)
@@ -297,7 +304,8 @@ def main(argv=None) -> None:
     sizes["vocab_size"] = args.vocab_size
     sizes["rope_ratio"] = args.rope_ratio
     out = make_tiny_model(args.model_type, args.output_dir, args.format, args.seed, sizes,
-                          args.max_sequence_length, args.max_shard_size, args.overwrite, args.tokenizer_corpus)
+                          args.max_sequence_length, args.max_shard_size, args.overwrite, args.tokenizer_corpus,
+                          args.dtype)
     print(f"wrote tiny {args.model_type} ({args.format} layout) to {out}", file=sys.stderr)
 
 

@@ -147,10 +147,15 @@ def hf_tokenizer_config(model_type: str) -> dict:
     return out
 
 
-def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_size=None, value_of=None) -> list:
-    """Write `model` (a PaddleNLP ChatGLM) and its tokenizer in THUDM's Hugging Face layout, fp32, tensors in name
-    order, one at a time. `value_of(name, tensor)` gives a tensor's fp32 value instead of reading it: with it the
-    model may be built under `paddle.LazyGuard` (no weights in memory) and each value made as it is written."""
+def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_size=None, value_of=None,
+                       dtype: str = "float32") -> list:
+    """Write `model` (a PaddleNLP ChatGLM) and its tokenizer in THUDM's Hugging Face layout, in `dtype` (float32,
+    or float16 / bfloat16 as THUDM ships them), tensors in name order, one at a time. `value_of(name, tensor)`
+    gives a tensor's fp32 value instead of reading it: with it the model may be built under `paddle.LazyGuard` (no
+    weights in memory) and each value made as it is written."""
+    import ml_dtypes
+
+    numpy_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generation = get_generation(model_type)
@@ -162,11 +167,12 @@ def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_
         return shape[::-1] if needs_transpose(name, len(shape)) else shape
 
     hf_names = {name: paddle_to_hf_name(name, generation.paddle_model_type) for name in names}
-    shards = SafetensorsShards(output_dir, [(hf_names[n], hf_shape(n), np.float32) for n in names], max_shard_size)
+    shards = SafetensorsShards(output_dir, [(hf_names[n], hf_shape(n), numpy_dtype) for n in names], max_shard_size)
     # Tied names (v1's lm_head and word embeddings) share one tensor, written once its last name is reached.
     last_name = {id(state[name]): name for name in names}
     for name in names:
         array = value_of(name, state[name]) if value_of else state[name].astype("float32").numpy()
+        array = array.astype(numpy_dtype, copy=False)  # rounds to nearest even, as torch and Paddle do
         if last_name[id(state[name])] != name:
             continue  # value_of is still called: its draws follow the name order
         for alias in (n for n in names if state[n] is state[name]):
@@ -174,7 +180,7 @@ def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_
         del array
     files = shards.close()
     with open(output_dir / "config.json", "w", encoding="utf-8") as f:
-        json.dump(hf_config_from_paddle(model.config, model_type, "float32"), f, indent=2, ensure_ascii=False)
+        json.dump(hf_config_from_paddle(model.config, model_type, dtype), f, indent=2, ensure_ascii=False)
     with open(output_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(hf_tokenizer_config(model_type), f, indent=2, ensure_ascii=False)
     with open(tokenizer.vocab_file, "rb") as src, open(output_dir / generation.vocab_file, "wb") as dst:

@@ -84,7 +84,9 @@ def unloadable(base, err) -> str:
 class OnnxRuntimeEngine:
     """ONNX Runtime's CPU execution provider on PREFIX.onnx (or a weight-only quantized PREFIX.int8/int4.onnx)."""
 
-    def __init__(self, model_path, model_prefix: str, threads: int = 2, precision: str = "fp32"):
+    def __init__(self, model_path, model_prefix: str, threads: int = 2, precision: str = "fp32",
+                 profile_prefix: str = None):
+        """`profile_prefix`: record every node's time (onnxruntime's profiler; bench/step_profile.py reads it)."""
         import onnxruntime as ort
 
         from glm_tune.console import verbose_requested
@@ -96,6 +98,8 @@ class OnnxRuntimeEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 0 if verbose_requested() else 3
+        if profile_prefix:
+            options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...) for bad files
