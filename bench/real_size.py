@@ -35,16 +35,27 @@ PROMPTS = ["类型#裙*风格#复古*图案#刺绣", "你好，请介绍一下�
 GB = 2 ** 30  # GiB: the figures are printed in GiB
 
 
+# Linux keeps ru_maxrss across exec: a command started straight from this process would report at least this
+# process's own peak (the logits step loads engines here). A small launcher in between starts from its own
+# fresh image, so the command's figure is its own.
+LAUNCHER = ("import os, subprocess, sys\n"
+            "child = subprocess.Popen(sys.argv[2:])\n"
+            "_, status, usage = os.wait4(child.pid, 0)\n"
+            "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def measured(argv, log: Path, env=None) -> dict:
-    """Run one command; its peak RSS (GiB, from wait4) and wall seconds. Exits with its log's tail on failure."""
+    """Run one command; its peak RSS (GiB, the kernel's wait4 figure) and wall seconds. Exits with its log's tail
+    on failure."""
     started = time.perf_counter()
+    peak_file = log.with_suffix(".peak")
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+        code = subprocess.call([sys.executable, "-c", LAUNCHER, peak_file, *map(str, argv)], cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT, env=env)
+    if code:
         sys.exit(f"error: {' '.join(map(str, argv[:3]))} failed; the end of {log}:\n" + log.read_text()[-2000:])
-    return {"peak_gb": usage.ru_maxrss / 2 ** 20, "seconds": time.perf_counter() - started}
+    return {"peak_gb": int(peak_file.read_text()) / 2 ** 20, "seconds": time.perf_counter() - started}
 
 
 def weight_bytes(folder: Path) -> int:
@@ -149,7 +160,11 @@ def run_size(layers: int, args) -> dict:
         env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
         rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
                                                 hf, work / "ggml"], work / "peer-convert.log", env)
-    logits = quantized_logits(export) if "logits" in args.steps else None
+    logits = None
+    if "logits" in args.steps:  # in a process of its own: the engines would raise this one's peak (see LAUNCHER)
+        out = subprocess.run([sys.executable, __file__, "--logits_of", export], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        logits = json.loads(out.strip().splitlines()[-1])
     parity = None
     if (work / "dygraph.json").is_file() and (work / "onnxruntime-fp32.json").is_file():
         parity = (work / "dygraph.json").read_bytes() == (work / "onnxruntime-fp32.json").read_bytes()
@@ -200,7 +215,11 @@ def main(argv=None) -> None:
                              "fp32 bytes")
     parser.add_argument("--keep", action="store_true",
                         help="keep each size's model, conversions and exports (default: deleted once measured)")
+    parser.add_argument("--logits_of", default=None, help=argparse.SUPPRESS)  # one export, in its own process
     args = parser.parse_args(argv)
+    if args.logits_of:
+        print(json.dumps(quantized_logits(Path(args.logits_of))))
+        return
     args.work_dir = (ROOT / args.work_dir).resolve()
     args.steps = set(args.steps.split(","))
     sizes = [run_size(int(n), args) for n in args.layers.split(",")]
