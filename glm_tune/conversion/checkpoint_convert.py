@@ -100,10 +100,10 @@ class HFWeights:
         self.folder = Path(folder)
         self.files = self._weight_files()
         self.kind = "safetensors" if self.files[0].suffix == ".safetensors" else "bin"
-        self._where, self._shapes, self._open = {}, {}, {}
+        self._where, self._shapes, self._dtypes, self._open = {}, {}, {}, {}
         for path in self.files:
-            for name, shape in self._scan(path):
-                self._where[name], self._shapes[name] = path, shape
+            for name, shape, dtype in self._scan(path):
+                self._where[name], self._shapes[name], self._dtypes[name] = path, shape, dtype
 
     def _weight_files(self):
         for index in (SAFETENSORS_INDEX, BIN_INDEX):
@@ -124,11 +124,17 @@ class HFWeights:
         if self.kind == "safetensors":
             from glm_tune.conversion.safetensors_io import SafetensorsReader
 
+            from glm_tune.conversion.safetensors_io import DTYPES
+
             reader = SafetensorsReader(path)
             self._open[path] = reader
-            return [(n, reader.shape(n)) for n in reader.keys()]
+            return [(n, reader.shape(n), np.dtype(DTYPES[reader.dtype(n)])) for n in reader.keys()]
+        import ml_dtypes
+        import torch
+
         state = self._load_bin(path)
-        return [(n, list(t.shape)) for n, t in state.items()]
+        return [(n, list(t.shape), np.dtype(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 else
+                 torch.empty(0, dtype=t.dtype).numpy().dtype) for n, t in state.items()]
 
     def _load_bin(self, path):
         if path not in self._open:
@@ -147,6 +153,10 @@ class HFWeights:
 
     def shape(self, name):
         return self._shapes[name]
+
+    def dtype(self, name) -> np.dtype:
+        """The numpy dtype `get(name)` returns (bfloat16 as ml_dtypes.bfloat16)."""
+        return self._dtypes[name]
 
     def get(self, name) -> np.ndarray:
         path = self._where[name]

@@ -118,7 +118,7 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwr
 
     from glm_tune.conversion.checkpoint_convert import HFWeights
     from glm_tune.glm_family import GENERATION_KEY, detect_generation
-    from glm_tune.conversion.hf_layout import write_safetensors_shards
+    from glm_tune.conversion.hf_layout import SafetensorsShards
     from glm_tune.safe_output import atomic_folder, check_output_dir
 
     hf_chatglm_dir, output_dir = Path(hf_chatglm_dir), Path(output_dir)
@@ -127,13 +127,18 @@ def save_glm_checkpoint(hf_chatglm_dir, output_dir, max_shard_size="2GB", overwr
     generation = detect_generation(hf_chatglm_dir)
     config = json.loads((hf_chatglm_dir / "config.json").read_text(encoding="utf-8"))
     weights = HFWeights(hf_chatglm_dir)
-    tensors = {}
-    for name in weights.names():
-        tensors.update(glm_state_dict({name: weights.get(name)}, config))
+    # The GLM tensors are planned from the mapping applied to empty stand-ins of each input's shape (zero-stride
+    # views: no memory), then written one input tensor at a time.
+    stand_ins = {n: np.broadcast_to(np.zeros((), weights.dtype(n)), weights.shape(n)) for n in weights.names()}
+    plan = [(n, a.shape, a.dtype) for n, a in glm_state_dict(stand_ins, config).items()]
     glm_config = {**glm_config_dict(config), "model_type": "glm", "architectures": ["GlmForCausalLM"],
                   "torch_dtype": config.get("torch_dtype", "float32"), GENERATION_KEY: generation}
     with atomic_folder(output_dir, "convert_checkpoint", overwrite, inputs) as staging:
-        write_safetensors_shards(tensors, staging, max_shard_size)
+        shards = SafetensorsShards(staging, plan, max_shard_size)
+        for name in weights.names():
+            for glm_name, value in glm_state_dict({name: weights.get(name)}, config).items():
+                shards.write(glm_name, value)
+        shards.close()
         (staging / "config.json").write_text(json.dumps(glm_config, indent=2), encoding="utf-8")
         shutil.copy2(hf_chatglm_dir / "tokenizer.model", staging / "tokenizer.model")
         (staging / "tokenizer_config.json").write_text(json.dumps(
