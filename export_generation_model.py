@@ -36,9 +36,9 @@ class ExportArgument:
         "help": "Also write weight-only quantized ONNX copies: int8, int4 or int8,int4 (PREFIX.int8.onnx, "
                 "onnxruntime MatMulNBits, symmetric). The embedding stays float32."})
     quantize_block_size: Optional[int] = field(default=None, metadata={
-        "help": "Weights per scale of --quantize: 16, 32, 64, 128 or 256. Default 128 for int8 (its error hardly "
-                "grows with the block; the kernel reads it 1.17x as fast as blocks of 32) and 32 for int4 (as "
-                "chatglm.cpp's q4_0; 128 reads 1.35x as fast at a coarser quantization)."})
+        "help": "Weights per scale of --quantize: 16, 32, 64, 128 or 256. Default 128 for int8 and int4 "
+                "(onnxruntime's and GPTQ's usual group; the kernel reads it 1.17x (int8) and 1.35x (int4) as fast "
+                "as blocks of 32); 32 is chatglm.cpp's q4_0 block."})
     onnx_inline_mb: int = field(default=INLINE_LIMIT // 2 ** 20, metadata={
         "help": "An ONNX graph whose weights pass this many MiB keeps them in its own data file (PREFIX.onnx.data, "
                 "PREFIX.int8.onnx.data, ...), written one tensor at a time and mapped by ONNX Runtime: protobuf caps "
