@@ -156,10 +156,6 @@ def run_size(layers: int, args) -> dict:
     if "serve" in args.steps:
         rows["serve:int8"] = serve_once(export, work / "serve.log")
         print(f"  {layers} layers, serve:int8: {rows['serve:int8']['peak_gb']:.2f} GiB", flush=True)
-    if args.peer and "peer" in args.steps:
-        env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
-        rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
-                                                hf, work / "ggml"], work / "peer-convert.log", env)
     logits = None
     if "logits" in args.steps:  # in a process of its own: the engines would raise this one's peak (see LAUNCHER)
         out = subprocess.run([sys.executable, __file__, "--logits_of", export], cwd=ROOT, capture_output=True,
@@ -169,11 +165,23 @@ def run_size(layers: int, args) -> dict:
     if (work / "dygraph.json").is_file() and (work / "onnxruntime-fp32.json").is_file():
         parity = (work / "dygraph.json").read_bytes() == (work / "onnxruntime-fp32.json").read_bytes()
     weight_gb = weight_bytes(hf) / GB * (1 if args.input_dtype == "float32" else 2)  # W: the fp32 bytes
-    if not args.keep:  # a size's copies take ~22 GB (2 layers) to ~27 GB (3): the next size needs the disk
-        for folder in (hf, paddle, export, work / "ggml"):
-            shutil.rmtree(folder, ignore_errors=True)
-    return {"layers": layers, "weight_gb": weight_gb, "steps": rows, "onnx_fp32_equals_dygraph": parity,
-            "quantized_logits": logits}
+    # A size's copies take ~22 GB (2 layers) to ~27 GB (3) of disk with the peer's: each goes once it is not needed.
+    if not args.keep:
+        shutil.rmtree(paddle, ignore_errors=True)
+        shutil.rmtree(export, ignore_errors=True)
+    if args.peer and "peer" in args.steps:
+        env = {**os.environ, "PEER": str(Path(args.peer).resolve())}
+        rows["chatglm.cpp convert"] = measured([py, ROOT.parent / "shared" / "peers" / "chatglm_cpp" / "to_ggml.py",
+                                                hf, work / "ggml"], work / "peer-convert.log", env)
+        print(f"  {layers} layers, chatglm.cpp convert: {rows['chatglm.cpp convert']['peak_gb']:.2f} GiB", flush=True)
+    if not args.keep:
+        shutil.rmtree(hf, ignore_errors=True)
+        for ggml in work.glob("ggml-*.bin"):
+            ggml.unlink()
+    result = {"layers": layers, "weight_gb": weight_gb, "steps": rows, "onnx_fp32_equals_dygraph": parity,
+              "quantized_logits": logits}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def report(sizes: list) -> None:
