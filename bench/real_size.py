@@ -184,9 +184,14 @@ def run_size(layers: int, args) -> dict:
     return result
 
 
+def fits(peak_gib: float, machine_gb: int) -> bool:
+    """A peak fits a machine of `machine_gb` GB when it leaves 10% of it to the system and the page cache."""
+    return peak_gib * 2 ** 30 <= 0.9 * machine_gb * 1e9
+
+
 def report(sizes: list) -> None:
     print("\nstep                      " + "".join(f"{s['layers']} layers: peak GiB (x W), s     " for s in sizes)
-          + ("28 layers (projected): peak GiB" if len(sizes) == 2 else ""))
+          + ("28 layers (projected): peak GiB, fits a 32 / 64 GB machine" if len(sizes) == 2 else ""))
     names = [n for n in sizes[0]["steps"] if all(n in s["steps"] for s in sizes)]
     for name in names:
         line = f"{name:<26}"
@@ -196,7 +201,11 @@ def report(sizes: list) -> None:
         if len(sizes) == 2:
             a, b = sizes
             slope = (b["steps"][name]["peak_gb"] - a["steps"][name]["peak_gb"]) / (b["layers"] - a["layers"])
-            line += f"{a['steps'][name]['peak_gb'] + slope * (28 - a['layers']):>8.1f}"
+            projected = a["steps"][name]["peak_gb"] + slope * (28 - a["layers"])
+            if slope < 0:  # a constant cost (casts, runtime) hides the growth at 2-3 layers: no line to draw
+                line += f"{'n/a':>8}   (the peak fell with a layer more)"
+            else:
+                line += f"{projected:>8.1f}   " + " / ".join("yes" if fits(projected, ram) else "no" for ram in (32, 64))
         print(line)
     for s in sizes:
         print(f"{s['layers']} layers: W = {s['weight_gb']:.2f} GiB fp32; ONNX fp32 answers equal dygraph's: "

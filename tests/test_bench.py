@@ -57,3 +57,18 @@ def test_real_size_runs(tmp_path):
     assert {"make", "from_hf", "to_hf", "lora", "lora:merge+export", "export", "dygraph", "infer:onnxruntime-int4",
             "serve:int8"} <= steps
     assert "ONNX fp32 answers equal dygraph's: True" in out and "argmax" in out
+
+
+@pytest.mark.slow
+def test_step_profile_runs(tmp_path):
+    """bench/step_profile.py on the tiny model: every weight matmul of the int8 graph found by its K x N, with GB/s."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "step_profile.py"), "--size", "tiny", "--precisions",
+                          "int8", "--steps", "4", "--work_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, check=True).stdout
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.startswith("  ")}
+    shapes = {name for name in rows if name.startswith("MatMulNBits")}
+    # hidden 128, 4 heads of 32, 2 key/value groups, ffn 256, vocabulary 1216: qkv, dense, gate+up, down, output
+    assert shapes == {"MatMulNBits 128x256", "MatMulNBits 128x128", "MatMulNBits 128x512", "MatMulNBits 256x128",
+                      "MatMulNBits 128x1216"}, shapes
+    assert all(float(rows[s][0]) > 0 and float(rows[s][2]) > 0 for s in shapes)  # ms per step and GB/s
+    assert "host" in " ".join(rows) and "int8: a decode step" in out
