@@ -21,6 +21,7 @@ from glm_tune.glm_family import GENERATION_KEY, detect_generation, get_generatio
 from glm_tune.conversion.hf_layout import (SAFETENSORS_INDEX, _PADDLE_PREFIX, SafetensorsShards,
                                            hf_config_from_paddle, hf_tokenizer_config, needs_transpose,
                                            paddle_to_hf_name, parse_size)
+from glm_tune.conversion.safetensors_io import numpy_dtype
 from glm_tune.safe_output import atomic_folder, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,7 @@ class HFWeights:
 
     def _scan(self, path):
         if self.kind == "safetensors":
-            from glm_tune.conversion.safetensors_io import SafetensorsReader
-
-            from glm_tune.conversion.safetensors_io import DTYPES
+            from glm_tune.conversion.safetensors_io import DTYPES, SafetensorsReader
 
             reader = SafetensorsReader(path)
             self._open[path] = reader
@@ -231,14 +230,8 @@ def _as_saved_tensor(name: str, array: np.ndarray, dtype: str) -> tuple:
     """What paddle.save writes for a tensor, (name, ndarray), which paddle.load turns back into a tensor; bfloat16
     is carried as its uint16 bits, as Paddle does. Built from numpy without a Paddle copy (the casts round as
     Paddle's do: to nearest, ties to even)."""
-    array = array.astype(_numpy_dtype(dtype), copy=False)
+    array = array.astype(numpy_dtype(dtype), copy=False)
     return (name, array.view(np.uint16) if dtype == "bfloat16" else array)
-
-
-def _numpy_dtype(dtype: str) -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
 
 
 def _to_numpy(tensor, dtype: str = None) -> np.ndarray:
@@ -409,7 +402,7 @@ def convert_paddle_to_hf(input_dir, output_dir, model_type: str = None, dtype: s
                 if shards is None:
                     out_dtype = out_dtype or tensor_dtype
                     plan = [(hf_name[n], shape[::-1] if needs_transpose(n, len(shape)) else shape,
-                             _numpy_dtype(out_dtype))
+                             numpy_dtype(out_dtype))
                             for n, shape in expected.items()]
                     shards = SafetensorsShards(staging, plan, max_shard_size)
                 elif not dtype and tensor_dtype != out_dtype:

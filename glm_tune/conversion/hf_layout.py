@@ -87,20 +87,20 @@ class SafetensorsShards:
     `close()` refuses a checkpoint with a tensor missing and returns the file names written."""
 
     def __init__(self, output_dir, plan, max_shard_size=None, metadata=None):
-        from glm_tune.conversion.safetensors_io import SafetensorsFileWriter
+        from glm_tune.conversion.safetensors_io import SafetensorsFileWriter, tensor_nbytes
 
         self.output_dir = Path(output_dir)
         limit = parse_size(max_shard_size) if max_shard_size else None
         shards, current, current_size = [], [], 0
         for name, shape, dtype in plan:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            nbytes = tensor_nbytes(shape, dtype)
             if limit and current and current_size + nbytes > limit:
                 shards.append(current)
                 current, current_size = [], 0
             current.append((name, tuple(shape), np.dtype(dtype)))
             current_size += nbytes
         shards.append(current)
-        self.total_size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for shard in shards for _, s, d in shard)
+        self.total_size = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
         self.files = (["model.safetensors"] if len(shards) == 1 else
                       [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
         metadata = {"format": "pt", **(metadata or {})}
@@ -153,9 +153,9 @@ def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_
     or float16 / bfloat16 as THUDM ships them), tensors in name order, one at a time. `value_of(name, tensor)`
     gives a tensor's fp32 value instead of reading it: with it the model may be built under `paddle.LazyGuard` (no
     weights in memory) and each value made as it is written."""
-    import ml_dtypes
+    from glm_tune.conversion.safetensors_io import numpy_dtype
 
-    numpy_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    output_dtype = numpy_dtype(dtype)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generation = get_generation(model_type)
@@ -167,15 +167,18 @@ def save_hf_checkpoint(model, tokenizer, model_type: str, output_dir, max_shard_
         return shape[::-1] if needs_transpose(name, len(shape)) else shape
 
     hf_names = {name: paddle_to_hf_name(name, generation.paddle_model_type) for name in names}
-    shards = SafetensorsShards(output_dir, [(hf_names[n], hf_shape(n), numpy_dtype) for n in names], max_shard_size)
+    shards = SafetensorsShards(output_dir, [(hf_names[n], hf_shape(n), output_dtype) for n in names], max_shard_size)
     # Tied names (v1's lm_head and word embeddings) share one tensor, written once its last name is reached.
-    last_name = {id(state[name]): name for name in names}
+    aliases = {}
+    for name in names:
+        aliases.setdefault(id(state[name]), []).append(name)
     for name in names:
         array = value_of(name, state[name]) if value_of else state[name].astype("float32").numpy()
-        array = array.astype(numpy_dtype, copy=False)  # rounds to nearest even, as torch and Paddle do
-        if last_name[id(state[name])] != name:
+        array = array.astype(output_dtype, copy=False)  # rounds to nearest even, as torch and Paddle do
+        tied = aliases[id(state[name])]
+        if tied[-1] != name:
             continue  # value_of is still called: its draws follow the name order
-        for alias in (n for n in names if state[n] is state[name]):
+        for alias in tied:
             shards.write(hf_names[alias], array.T if needs_transpose(alias, array.ndim) else array)
         del array
     files = shards.close()

@@ -89,18 +89,31 @@ class SafetensorsReader:
         self.close()
 
 
-def _header(specs, metadata: dict = None) -> bytes:
-    """The length-prefixed JSON header of a file holding `specs` (name, shape, numpy dtype) in that order."""
-    header, offset = {}, 0
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name ("float32", "float16", "bfloat16" as ml_dtypes.bfloat16, ...)."""
+    return np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+
+
+def tensor_nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _layout(specs, metadata: dict = None):
+    """Where everything goes in a file holding `specs` (name, shape, numpy dtype) in that order: (its
+    length-prefixed JSON header, name -> (file offset of the tensor's data, shape, dtype), the file's size)."""
+    header, places, offset = {}, {}, 0
     for name, shape, dtype in specs:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = tensor_nbytes(shape, dtype)
         header[name] = {"dtype": TAGS[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        places[name] = (offset, tuple(shape), np.dtype(dtype))
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    head = struct.pack("<Q", len(raw)) + raw
+    at_data = {name: (len(head) + start, shape, dtype) for name, (start, shape, dtype) in places.items()}
+    return head, at_data, len(head) + offset
 
 
 _WRITE_ROWS_BYTES = 64 << 20  # a non-contiguous tensor (a transpose) is copied and written this many bytes at a time
@@ -113,16 +126,11 @@ class SafetensorsFileWriter:
 
     def __init__(self, path, specs, metadata: dict = None):
         self.path = Path(path)
-        head = _header(specs, metadata)
-        self._places, offset = {}, len(head)
-        for name, shape, dtype in specs:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            self._places[name] = (offset, tuple(shape), np.dtype(dtype))
-            offset += nbytes
+        head, self._places, size = _layout(specs, metadata)
         self._missing = set(self._places)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._write_at(memoryview(head), 0)
-        os.ftruncate(self._fd, offset)
+        os.ftruncate(self._fd, size)
 
     def _write_at(self, view: memoryview, offset: int) -> None:
         done = 0
